@@ -45,8 +45,12 @@ eval: setup
 
 ## compare: several methods side by side (selection, training, evaluation, cost): make compare TASK=mmlu
 METHODS ?= random,tov,max-uncertainty,bm25
+SELECTORS ?=
+SEEDS ?= 1
 compare: setup
 	$(BIN) compare --task $(TASK) --methods $(METHODS) --model $(MODEL) --pool $(POOL) --seed $(SEED) \
+	  --seeds $(SEEDS) --selectors "$(SELECTORS)" $(if $(FULL_POOL),--full-pool) \
+	  $(if $(EVAL_CAP),--eval-cap $(EVAL_CAP)) $(if $(MMLU_SHOTS),--mmlu-shots $(MMLU_SHOTS)) \
 	  $(if $(POOL_LIMIT),--pool-limit $(POOL_LIMIT)) $(if $(BUDGET),--budget $(BUDGET))
 
 ## source-share: ToV / baselines on a held-out FLAN-CoT task: which share of the selection matches it

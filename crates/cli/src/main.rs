@@ -164,6 +164,18 @@ struct TrainArgs {
     seed: u64,
 }
 
+/// Evaluation size, over the preset's.
+#[derive(Args, Debug, Clone, Default)]
+struct EvalSizeArgs {
+    /// Test examples per subtask (MMLU subject, BBH task, TyDiQA language,
+    /// custom subtask). Default: the preset's.
+    #[arg(long)]
+    eval_cap: Option<usize>,
+    /// MMLU in-context shots (0 = zero-shot). Default: 5, LESS's protocol.
+    #[arg(long)]
+    mmlu_shots: Option<usize>,
+}
+
 #[derive(Args, Debug)]
 struct EvalArgs {
     /// Target: mmlu, bbh, tydiqa, or a file (custom targets report test loss).
@@ -181,6 +193,8 @@ struct EvalArgs {
     /// Seed of the training and of the capped test sample.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    #[command(flatten)]
+    size: EvalSizeArgs,
 }
 
 #[derive(Args, Debug)]
@@ -217,15 +231,33 @@ struct TrainOnlineArgs {
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    #[command(flatten)]
+    size: EvalSizeArgs,
 }
 
 #[derive(Args, Debug)]
 struct CompareArgs {
     #[command(flatten)]
     select: SelectArgs,
-    /// Comma-separated methods to compare.
+    /// Comma-separated static methods to compare.
     #[arg(long, default_value = "random,tov,max-uncertainty,bm25")]
     methods: String,
+    /// Comma-separated online selectors (greats, uds, maxloss, gradnorm, none)
+    /// to add as rows; empty for none.
+    #[arg(long, default_value = "")]
+    selectors: String,
+    /// Optimizer steps of each online row (B = the fine-tune's batch, k = B/2).
+    #[arg(long, default_value_t = 50)]
+    online_steps: usize,
+    /// Seeds per row (selection, LoRA initialisation and data order);
+    /// the table reports mean ± standard deviation.
+    #[arg(long, default_value_t = 1)]
+    seeds: usize,
+    /// Also fine-tune on the whole (sub-sampled) pool as a reference.
+    #[arg(long)]
+    full_pool: bool,
+    #[command(flatten)]
+    size: EvalSizeArgs,
 }
 
 #[derive(Args, Debug)]
@@ -503,7 +535,7 @@ fn run() -> Result<()> {
                 Some(sel) => Some(evaluate::train_on_selection(&mut p, sel, &tcfg, a.seed)?),
                 None => None,
             };
-            let mut ecfg = eval_preset(a.preset);
+            let mut ecfg = eval_config(a.preset, &a.size);
             ecfg.sample_seed = a.seed;
             let r = evaluate::evaluate(
                 &mut p,
@@ -521,6 +553,21 @@ fn run() -> Result<()> {
                 .split(',')
                 .map(|m| m.trim().parse::<Method>().map_err(anyhow::Error::msg))
                 .collect::<Result<_>>()?;
+            let selectors: Vec<dsel_pipeline::online::SelectorKind> = a
+                .selectors
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| s.parse().map_err(anyhow::Error::msg))
+                .collect::<Result<_>>()?;
+            anyhow::ensure!(a.seeds >= 1, "--seeds must be at least 1");
+            let opts = compare::CompareOptions {
+                methods: methods_list,
+                selectors,
+                online_steps: a.online_steps,
+                seeds: a.seeds,
+                full_pool: a.full_pool,
+            };
             let preset = a.select.preset;
             let req = select_request(a.select)?;
             let task_dir = req
@@ -535,16 +582,16 @@ fn run() -> Result<()> {
                 .unwrap_or(task_dir);
             let out = PathBuf::from(format!("runs/{task_name}-compare"));
             let mut p = Pipeline::new(&g.cache, &g.data_root)?;
-            let rows = compare::compare(
+            let report = compare::compare(
                 &mut p,
                 &req,
-                &methods_list,
+                &opts,
                 &train_preset(preset),
-                &eval_preset(preset),
+                &eval_config(preset, &a.size),
                 &out,
             )?;
             print!("{}", std::fs::read_to_string(out.join("table.md"))?);
-            println!("{} rows → {}", rows.len(), out.display());
+            println!("{} rows → {}", report.rows.len(), out.display());
             Ok(())
         }
         Command::TrainOnline(a) => {
@@ -573,7 +620,7 @@ fn run() -> Result<()> {
                 &a.task,
                 Some(&adapter),
                 Some(&tcfg.lora),
-                &eval_preset(Preset::Cpu),
+                &eval_config(Preset::Cpu, &a.size),
             )?;
             println!(
                 "{}",
@@ -598,6 +645,21 @@ fn eval_preset(p: Preset) -> evaluate::EvalConfig {
         Preset::Cpu => evaluate::EvalConfig::cpu(),
         Preset::Paper => evaluate::EvalConfig::paper(),
     }
+}
+
+/// The preset's evaluation with the size options applied.
+fn eval_config(p: Preset, size: &EvalSizeArgs) -> evaluate::EvalConfig {
+    let mut c = eval_preset(p);
+    if let Some(cap) = size.eval_cap {
+        c.caps.mmlu = Some(cap);
+        c.caps.bbh = Some(cap);
+        c.caps.tydiqa = Some(cap);
+        c.caps.custom = Some(cap);
+    }
+    if let Some(k) = size.mmlu_shots {
+        c.mmlu.shots = Some(k);
+    }
+    c
 }
 
 fn run_cache(g: &Global, c: CacheCommand) -> Result<()> {

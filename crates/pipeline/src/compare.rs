@@ -1,37 +1,371 @@
 //! `compare`: every requested method on one pool and budget, each selection
-//! trained on and evaluated, side by side with what it cost; writes
-//! `runs/<task>-compare/{table.md, table.csv, report.html, rows.json}`.
+//! trained on and evaluated (over one or more seeds), online selectors
+//! trained on the same pool, and the "no fine-tuning" / "full pool"
+//! references, side by side with what each cost. Writes
+//! `runs/<task>-compare/{table.md, table.csv, compare.json, report.html}`.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use dsel_select::Budget;
 use serde::{Deserialize, Serialize};
 
 use crate::evaluate::{self, EvalConfig, EvalResult, TrainOnSelection};
-use crate::methods::{self, Method, SelectRequest};
+use crate::methods::{self, Method, SelectRequest, Snippet};
+use crate::online::{OnlineTrainConfig, SelectorConfig, SelectorKind};
 use crate::Pipeline;
 
-/// One row of the comparison table.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CompareRow {
-    /// Method name (or `no-finetune`).
-    pub method: String,
-    /// Wall seconds of the selection (stages that were cache hits cost ≈ 0).
-    pub selection_seconds: f64,
-    /// Peak resident memory of the process after this row, MiB.
-    pub peak_mib: f64,
-    /// Bytes of every artifact the selection used.
-    pub artifact_bytes: u64,
-    /// Selected examples per source.
-    pub selected_by_source: BTreeMap<String, usize>,
-    /// Evaluation of the model fine-tuned on the selection.
-    pub eval: EvalResult,
-    /// Seeds run (this implementation runs one seed per call).
+mod report;
+
+pub use report::html;
+
+/// What to compare.
+#[derive(Debug, Clone)]
+pub struct CompareOptions {
+    /// Static selection methods (each trained on and evaluated).
+    pub methods: Vec<Method>,
+    /// Online selectors (each a training run on the pool).
+    pub selectors: Vec<SelectorKind>,
+    /// Optimizer steps of each online run.
+    pub online_steps: usize,
+    /// Seeds per row: seed `s, s+1, …` drive the selection, the LoRA
+    /// initialisation and the data order.
     pub seeds: usize,
-    /// Selection scores of the selected examples (for the histogram).
+    /// Also train on the whole (sub-sampled) pool.
+    pub full_pool: bool,
+}
+
+/// Which kind of row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RowKind {
+    /// No fine-tuning, or the whole pool.
+    Reference,
+    /// A static selection, then a fine-tune on it.
+    Static,
+    /// Online batch selection inside the training loop.
+    Online,
+}
+
+/// One seed of one row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeedRun {
+    /// The seed.
+    pub seed: u64,
+    /// Wall seconds the selection took in this call (cache hits ≈ 0).
+    pub selection_seconds: f64,
+    /// Wall seconds of building every artifact the selection depends on, as
+    /// recorded when each was built: its cost from a clean cache. Online
+    /// rows: seconds spent selecting inside the training loop.
+    pub selection_compute_seconds: f64,
+    /// CPU seconds (all threads) of the same builds.
+    pub selection_cpu_seconds: f64,
+    /// Wall seconds of the fine-tune (when it was built).
+    pub train_seconds: f64,
+    /// Evaluation of the fine-tuned model.
+    pub eval: EvalResult,
+    /// Training loss of each optimizer step (the loss curve).
+    pub step_losses: Vec<f64>,
+}
+
+/// One row of the comparison: a method over its seeds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompareRow {
+    /// Method name (`no-finetune`, `full-pool`, a method, or `online:<selector>`).
+    pub method: String,
+    /// Kind of row.
+    pub kind: RowKind,
+    /// One entry per seed.
+    pub runs: Vec<SeedRun>,
+    /// Peak resident memory of the process after this row, MiB (a running
+    /// maximum: rows run in order in one process).
+    pub peak_mib: f64,
+    /// Bytes of every artifact the selection used (first seed).
+    pub artifact_bytes: u64,
+    /// Selected (static) or trained (online) examples per source, first seed.
+    pub selected_by_source: BTreeMap<String, usize>,
+    /// Scores of the selected examples, first seed (score histogram).
     pub selected_scores: Vec<f64>,
+    /// Token lengths of the selected examples, first seed.
+    pub selected_lengths: Vec<u32>,
+    /// Per source family: the highest- and lowest-scored pool examples.
+    pub extremes: Vec<(String, Vec<Snippet>, Vec<Snippet>)>,
+}
+
+/// Mean and sample standard deviation (0 for a single value).
+pub fn mean_std(v: &[f64]) -> (f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    if v.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+impl CompareRow {
+    /// A row with no runs yet.
+    pub fn new(method: impl Into<String>, kind: RowKind) -> Self {
+        CompareRow {
+            method: method.into(),
+            kind,
+            runs: vec![],
+            peak_mib: 0.0,
+            artifact_bytes: 0,
+            selected_by_source: BTreeMap::new(),
+            selected_scores: vec![],
+            selected_lengths: vec![],
+            extremes: vec![],
+        }
+    }
+
+    fn stat(&self, f: impl Fn(&SeedRun) -> f64) -> (f64, f64) {
+        mean_std(&self.runs.iter().map(f).collect::<Vec<_>>())
+    }
+    /// Target test loss over seeds: (mean, std).
+    pub fn test_loss(&self) -> (f64, f64) {
+        self.stat(|r| r.eval.test_loss)
+    }
+    /// Task metric over seeds: (mean, std).
+    pub fn metric(&self) -> (f64, f64) {
+        self.stat(|r| r.eval.metric)
+    }
+    /// Mean selection CPU seconds (from a clean cache).
+    pub fn selection_cpu(&self) -> f64 {
+        self.stat(|r| r.selection_cpu_seconds).0
+    }
+    /// Mean selection wall seconds (from a clean cache).
+    pub fn selection_compute(&self) -> f64 {
+        self.stat(|r| r.selection_compute_seconds).0
+    }
+    /// Name of the task metric.
+    pub fn metric_name(&self) -> &str {
+        self.runs
+            .first()
+            .map(|r| r.eval.metric_name.as_str())
+            .unwrap_or("")
+    }
+}
+
+/// `compare.json`: the whole comparison.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompareReport {
+    /// Target.
+    pub task: String,
+    /// Pool mixture.
+    pub pool: String,
+    /// Candidates after tokenization.
+    pub pool_size: usize,
+    /// Budget as given.
+    pub budget: String,
+    /// Token lengths of every candidate (length-distribution plot).
+    pub pool_lengths: Vec<u32>,
+    /// Candidates per source.
+    pub pool_by_source: BTreeMap<String, usize>,
+    /// What the rows were trained with.
+    pub train: TrainOnSelection,
+    /// Optimizer steps of the online rows.
+    pub online_steps: usize,
+    /// The rows, in the order they ran.
+    pub rows: Vec<CompareRow>,
+}
+
+/// Sum of the recorded build wall and CPU seconds and bytes of the distinct
+/// artifacts behind `keys`.
+fn artifact_costs<'a>(p: &Pipeline, keys: impl IntoIterator<Item = &'a str>) -> (f64, f64, u64) {
+    let distinct: BTreeSet<&str> = keys.into_iter().collect();
+    let mut wall = 0.0;
+    let mut cpu = 0.0;
+    let mut bytes = 0;
+    for k in distinct {
+        if let Ok(a) = p.store.open_artifact(k) {
+            let m = a.manifest();
+            wall += m.build_seconds;
+            cpu += m.build_cpu_seconds;
+            bytes += m.total_bytes();
+        }
+    }
+    (wall, cpu, bytes)
+}
+
+/// The per-step losses a fine-tune artifact's `train.json` recorded.
+fn step_losses_of(artifact: &dsel_store::Artifact) -> Vec<f64> {
+    let Ok(text) = std::fs::read_to_string(artifact.path("train.json")) else {
+        return vec![];
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return vec![];
+    };
+    v["train"]["epochs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|e| e["step_losses"].as_array().cloned().unwrap_or_default())
+        .filter_map(|x| x.as_f64())
+        .collect()
+}
+
+fn run_dir(out_dir: &Path, name: &str, seed_index: usize, seed: u64) -> PathBuf {
+    let task = out_dir
+        .file_name()
+        .and_then(|f| f.to_str())
+        .unwrap_or("run")
+        .trim_end_matches("-compare")
+        .to_string();
+    let base = out_dir.parent().unwrap_or(out_dir);
+    if seed_index == 0 {
+        base.join(format!("{task}-{name}"))
+    } else {
+        base.join(format!("{task}-{name}-seed{seed}"))
+    }
+}
+
+/// One static row (a method, or the whole pool when `full_pool`) over its seeds.
+fn static_row(
+    p: &mut Pipeline,
+    base: &SelectRequest,
+    method: Method,
+    name: &str,
+    full_pool: bool,
+    opts: &CompareOptions,
+    train: &TrainOnSelection,
+    eval: &EvalConfig,
+    out_dir: &Path,
+) -> Result<CompareRow> {
+    let kind = if full_pool {
+        RowKind::Reference
+    } else {
+        RowKind::Static
+    };
+    let mut row = CompareRow::new(name, kind);
+    for s in 0..opts.seeds.max(1) {
+        let seed = base.seed + s as u64;
+        let mut req = base.clone();
+        req.method = method;
+        req.seed = seed;
+        req.subset.seed = base.subset.seed;
+        if full_pool {
+            req.budget = Budget::Fraction(1.0);
+        }
+        req.out_dir = run_dir(out_dir, name, s, seed);
+        p.records.clear();
+        let outcome = methods::select_with_details(p, &req)?;
+        let selection_keys: Vec<String> = outcome
+            .summary
+            .stages
+            .iter()
+            .map(|r| r.key.clone())
+            .collect();
+        let (compute, cpu, bytes) = artifact_costs(p, selection_keys.iter().map(|k| k.as_str()));
+        let adapter =
+            evaluate::train_on_selection(p, &req.out_dir.join("selection.jsonl"), train, seed)?;
+        let train_seconds = adapter.manifest().build_seconds;
+        let step_losses = step_losses_of(&adapter);
+        let ev = evaluate::evaluate(p, &base.task, Some(&adapter), Some(&train.lora), eval)?;
+        if s == 0 {
+            row.artifact_bytes = bytes;
+            row.selected_by_source = outcome.summary.selected_by_source.clone();
+            let mut selected: Vec<&dsel_select::ScoreRow> =
+                outcome.rows.iter().filter(|r| r.rank.is_some()).collect();
+            selected.sort_by_key(|r| r.rank);
+            row.selected_scores = selected.iter().map(|r| r.score).collect();
+            row.selected_lengths = selected.iter().map(|r| r.length).collect();
+            if !full_pool {
+                row.extremes = outcome.extremes.clone();
+            }
+        }
+        row.runs.push(SeedRun {
+            seed,
+            selection_seconds: outcome.summary.wall_seconds,
+            selection_compute_seconds: compute,
+            selection_cpu_seconds: cpu,
+            train_seconds,
+            eval: ev,
+            step_losses,
+        });
+        row.peak_mib = peak_rss_mib();
+    }
+    Ok(row)
+}
+
+/// One online-selector row over its seeds.
+#[allow(clippy::too_many_arguments)]
+fn online_row(
+    p: &mut Pipeline,
+    base: &SelectRequest,
+    kind: SelectorKind,
+    opts: &CompareOptions,
+    train: &TrainOnSelection,
+    eval: &EvalConfig,
+    pool_tok: &dsel_store::Artifact,
+    target_tok: &dsel_store::Artifact,
+) -> Result<CompareRow> {
+    let mut row = CompareRow::new(format!("online:{}", kind.name()), RowKind::Online);
+    let pool = dsel_tokenize::TokenizedSet::open(pool_tok.dir())?;
+    for s in 0..opts.seeds.max(1) {
+        let seed = base.seed + s as u64;
+        let mut cfg = OnlineTrainConfig::new(SelectorConfig::default_for(kind), train.lora.clone());
+        cfg.steps = opts.online_steps;
+        cfg.candidates = train.train.micro_batch;
+        cfg.lr = train.train.lr;
+        cfg.seed = seed;
+        p.records.clear();
+        let (adapter, report) = crate::online::train_online(p, pool_tok, target_tok, &cfg)?;
+        let m = adapter.manifest();
+        let ev = evaluate::evaluate(p, &base.task, Some(&adapter), Some(&train.lora), eval)?;
+        if s == 0 {
+            row.artifact_bytes = m.total_bytes();
+            let chosen = read_chosen(&adapter.path("steps.jsonl"))?;
+            row.selected_by_source = dsel_select::output::count_by_source(
+                chosen
+                    .iter()
+                    .filter(|&&i| i < pool.len())
+                    .map(|&i| pool.index[i].source.as_str()),
+            );
+            row.selected_lengths = chosen
+                .iter()
+                .filter(|&&i| i < pool.len())
+                .map(|&i| pool.index[i].n_tokens)
+                .collect();
+        }
+        row.runs.push(SeedRun {
+            seed,
+            selection_seconds: report.select_seconds,
+            selection_compute_seconds: report.select_seconds,
+            selection_cpu_seconds: m.build_cpu_seconds * report.select_fraction,
+            train_seconds: m.build_seconds,
+            eval: ev,
+            step_losses: report
+                .train
+                .epochs
+                .iter()
+                .flat_map(|e| e.step_losses.iter().copied())
+                .collect(),
+        });
+        row.peak_mib = peak_rss_mib();
+    }
+    Ok(row)
+}
+
+/// Pool indices trained on by an online run, from its `steps.jsonl`.
+fn read_chosen(path: &Path) -> Result<Vec<usize>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let rec: dsel_online::StepRecord = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not a step record", path.display(), i + 1))?;
+        out.extend(rec.chosen);
+    }
+    Ok(out)
 }
 
 /// Peak resident memory of this process (VmHWM), MiB.
@@ -48,85 +382,83 @@ pub fn peak_rss_mib() -> f64 {
 }
 
 /// Run the comparison. `base` is the request every method shares (its
-/// `method` and `out_dir` are replaced per method).
+/// `method`, `seed` and `out_dir` are replaced per row). Outputs are
+/// rewritten after every row, so an interrupted comparison keeps what it
+/// finished (and a re-run gets those rows from the cache).
 pub fn compare(
     p: &mut Pipeline,
     base: &SelectRequest,
-    methods_list: &[Method],
+    opts: &CompareOptions,
     train: &TrainOnSelection,
     eval: &EvalConfig,
-    out_dir: &PathBuf,
-) -> Result<Vec<CompareRow>> {
-    std::fs::create_dir_all(out_dir)?;
-    let mut rows = Vec::new();
+    out_dir: &Path,
+) -> Result<CompareReport> {
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     p.load_model(&base.model)?;
+    let pool_ing = p.ingest_pool(&base.pool, &base.subset)?;
+    let pool_tok = p.tokenize(&pool_ing, base.values.max_len, "pool")?;
+    let pool_set = dsel_tokenize::TokenizedSet::open(pool_tok.dir())?;
+    let mut report = CompareReport {
+        task: base.task.clone(),
+        pool: base.pool.clone(),
+        pool_size: pool_set.len(),
+        budget: format!("{:?}", base.budget),
+        pool_lengths: pool_set.index.iter().map(|r| r.n_tokens).collect(),
+        pool_by_source: dsel_select::output::count_by_source(
+            pool_set.index.iter().map(|r| r.source.as_str()),
+        ),
+        train: train.clone(),
+        online_steps: opts.online_steps,
+        rows: vec![],
+    };
+    drop(pool_set);
+
     let reference = evaluate::evaluate(p, &base.task, None, None, eval)?;
-    rows.push(CompareRow {
-        method: "no-finetune".into(),
+    let mut none = CompareRow::new("no-finetune", RowKind::Reference);
+    none.runs.push(SeedRun {
+        seed: base.seed,
         selection_seconds: 0.0,
-        peak_mib: peak_rss_mib(),
-        artifact_bytes: 0,
-        selected_by_source: BTreeMap::new(),
+        selection_compute_seconds: 0.0,
+        selection_cpu_seconds: 0.0,
+        train_seconds: 0.0,
         eval: reference,
-        seeds: 1,
-        selected_scores: vec![],
+        step_losses: vec![],
     });
-    for &m in methods_list {
-        let mut req = base.clone();
-        req.method = m;
-        req.out_dir = out_dir.parent().unwrap_or(out_dir).join(format!(
-            "{}-{}",
-            out_dir
-                .file_name()
-                .and_then(|f| f.to_str())
-                .unwrap_or("run")
-                .trim_end_matches("-compare"),
-            m.name()
-        ));
-        p.records.clear();
-        let summary = methods::select(p, &req)?;
-        let artifact_bytes = summary
-            .stages
-            .iter()
-            .filter_map(|r| p.store.open_artifact(&r.key).ok())
-            .map(|a| a.manifest().total_bytes())
-            .sum();
-        let adapter = evaluate::train_on_selection(
-            p,
-            &req.out_dir.join("selection.jsonl"),
-            train,
-            base.seed,
-        )?;
-        let lora = train.lora.clone();
-        let ev = evaluate::evaluate(p, &base.task, Some(&adapter), Some(&lora), eval)?;
-        let selected_scores = std::fs::read_to_string(req.out_dir.join("selection.jsonl"))?
-            .lines()
-            .filter_map(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()?
-                    .get("score")?
-                    .as_f64()
-            })
-            .collect();
-        rows.push(CompareRow {
-            method: m.name().into(),
-            selection_seconds: summary
-                .stages
-                .iter()
-                .filter(|r| r.stage != "train" && r.stage != "eval")
-                .map(|r| r.seconds)
-                .sum(),
-            peak_mib: peak_rss_mib(),
-            artifact_bytes,
-            selected_by_source: summary.selected_by_source.clone(),
-            eval: ev,
-            seeds: 1,
-            selected_scores,
-        });
-        write_outputs(out_dir, &rows)?;
+    none.peak_mib = peak_rss_mib();
+    report.rows.push(none);
+    write_outputs(out_dir, &report)?;
+
+    for &m in &opts.methods {
+        let row = static_row(p, base, m, m.name(), false, opts, train, eval, out_dir)?;
+        report.rows.push(row);
+        write_outputs(out_dir, &report)?;
     }
-    write_outputs(out_dir, &rows)?;
-    Ok(rows)
+    if !opts.selectors.is_empty() {
+        let target = dsel_ingest::TargetSpec::parse(&base.task)?;
+        let target_ing = p.ingest_target(&target)?;
+        let target_tok = p.tokenize(&target_ing, base.values.target_max_len, "target")?;
+        for &k in &opts.selectors {
+            let row = online_row(p, base, k, opts, train, eval, &pool_tok, &target_tok)?;
+            report.rows.push(row);
+            write_outputs(out_dir, &report)?;
+        }
+    }
+    if opts.full_pool {
+        let row = static_row(
+            p,
+            base,
+            Method::Random,
+            "full-pool",
+            true,
+            opts,
+            train,
+            eval,
+            out_dir,
+        )?;
+        report.rows.push(row);
+        write_outputs(out_dir, &report)?;
+    }
+    Ok(report)
 }
 
 fn share_text(m: &BTreeMap<String, usize>) -> String {
@@ -144,167 +476,67 @@ fn share_text(m: &BTreeMap<String, usize>) -> String {
         .join(", ")
 }
 
-/// Write `table.md`, `table.csv`, `rows.json` and `report.html`.
-pub fn write_outputs(dir: &std::path::Path, rows: &[CompareRow]) -> Result<()> {
+fn pm(ms: (f64, f64), digits: usize, seeds: usize) -> String {
+    if seeds > 1 {
+        format!("{:.*} ± {:.*}", digits, ms.0, digits, ms.1)
+    } else {
+        format!("{:.*}", digits, ms.0)
+    }
+}
+
+/// Write `table.md`, `table.csv`, `compare.json` and `report.html`.
+pub fn write_outputs(dir: &Path, report: &CompareReport) -> Result<()> {
     let mut md = String::from(
-        "| method | selection s | peak MiB | artifact MB | selected share by source | test loss | metric | seeds |\n|---|---|---|---|---|---|---|---|\n",
+        "| method | selection CPU s | selection wall s | peak MiB | artifact MB | selected share by source | test loss | metric | seeds |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut csv = String::from(
-        "method,selection_seconds,peak_mib,artifact_bytes,test_loss,metric_name,metric,n,seeds\n",
+        "method,kind,selection_cpu_seconds,selection_wall_seconds,peak_mib,artifact_bytes,test_loss_mean,test_loss_std,metric_name,metric_mean,metric_std,n,seeds\n",
     );
-    for r in rows {
-        let _ = writeln!(
-            md,
-            "| {} | {:.0} | {:.0} | {:.1} | {} | {:.4} | {} {:.3} | {} |",
-            r.method,
-            r.selection_seconds,
-            r.peak_mib,
-            r.artifact_bytes as f64 / 1e6,
-            share_text(&r.selected_by_source),
-            r.eval.test_loss,
-            r.eval.metric_name,
-            r.eval.metric,
-            r.seeds
+    for r in &report.rows {
+        let seeds = r.runs.len();
+        let _ = std::fmt::Write::write_fmt(
+            &mut md,
+            format_args!(
+                "| {} | {:.0} | {:.0} | {:.0} | {:.1} | {} | {} | {} {} | {} |\n",
+                r.method,
+                r.selection_cpu(),
+                r.selection_compute(),
+                r.peak_mib,
+                r.artifact_bytes as f64 / 1e6,
+                share_text(&r.selected_by_source),
+                pm(r.test_loss(), 4, seeds),
+                r.metric_name(),
+                pm(r.metric(), 3, seeds),
+                seeds
+            ),
         );
-        let _ = writeln!(
-            csv,
-            "{},{:.3},{:.1},{},{:.6},{},{:.6},{},{}",
-            r.method,
-            r.selection_seconds,
-            r.peak_mib,
-            r.artifact_bytes,
-            r.eval.test_loss,
-            r.eval.metric_name,
-            r.eval.metric,
-            r.eval.n,
-            r.seeds
+        let (tl, tls) = r.test_loss();
+        let (mm, ms) = r.metric();
+        let _ = std::fmt::Write::write_fmt(
+            &mut csv,
+            format_args!(
+                "{},{},{:.3},{:.3},{:.1},{},{:.6},{:.6},{},{:.6},{:.6},{},{}\n",
+                r.method,
+                serde_json::to_value(r.kind)?.as_str().unwrap_or(""),
+                r.selection_cpu(),
+                r.selection_compute(),
+                r.peak_mib,
+                r.artifact_bytes,
+                tl,
+                tls,
+                r.metric_name(),
+                mm,
+                ms,
+                r.runs.first().map(|x| x.eval.n).unwrap_or(0),
+                seeds
+            ),
         );
     }
     dsel_store::atomic_write(dir.join("table.md"), md.as_bytes())?;
     dsel_store::atomic_write(dir.join("table.csv"), csv.as_bytes())?;
-    dsel_store::atomic_write(dir.join("rows.json"), serde_json::to_vec_pretty(rows)?)?;
-    dsel_store::atomic_write(dir.join("report.html"), html(rows).as_bytes())?;
+    dsel_store::atomic_write(dir.join("compare.json"), serde_json::to_vec_pretty(report)?)?;
+    dsel_store::atomic_write(dir.join("report.html"), html(report).as_bytes())?;
     Ok(())
-}
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
-/// Horizontal bars (inline SVG) of `values` labelled by `labels`.
-fn bars(labels: &[String], values: &[f64], fmt: impl Fn(f64) -> String) -> String {
-    let max = values.iter().cloned().fold(0.0f64, f64::max).max(1e-12);
-    let h = 22 * labels.len() + 10;
-    let mut s = format!("<svg width=\"640\" height=\"{h}\" xmlns=\"http://www.w3.org/2000/svg\">");
-    for (i, (l, v)) in labels.iter().zip(values).enumerate() {
-        let y = 5 + 22 * i;
-        let w = (400.0 * v / max).max(0.0);
-        let _ = write!(
-            s,
-            "<text x=\"0\" y=\"{}\" font-size=\"12\">{}</text><rect x=\"170\" y=\"{y}\" width=\"{w:.1}\" height=\"16\" fill=\"#4a7ebb\"/><text x=\"{:.1}\" y=\"{}\" font-size=\"12\">{}</text>",
-            y + 12,
-            esc(l),
-            175.0 + w,
-            y + 12,
-            esc(&fmt(*v))
-        );
-    }
-    s.push_str("</svg>");
-    s
-}
-
-fn histogram(scores: &[f64]) -> String {
-    let v: Vec<f64> = scores.iter().cloned().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return "<p>(no scores)</p>".into();
-    }
-    let (lo, hi) = (
-        v.iter().cloned().fold(f64::INFINITY, f64::min),
-        v.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
-    );
-    let bins = 20;
-    let mut counts = vec![0usize; bins];
-    for x in &v {
-        let b = if hi > lo {
-            (((x - lo) / (hi - lo)) * bins as f64) as usize
-        } else {
-            0
-        };
-        counts[b.min(bins - 1)] += 1;
-    }
-    let maxc = *counts.iter().max().unwrap_or(&1) as f64;
-    let mut s =
-        String::from("<svg width=\"420\" height=\"120\" xmlns=\"http://www.w3.org/2000/svg\">");
-    for (i, c) in counts.iter().enumerate() {
-        let h = 100.0 * *c as f64 / maxc;
-        let _ = write!(
-            s,
-            "<rect x=\"{}\" y=\"{:.1}\" width=\"18\" height=\"{h:.1}\" fill=\"#bb7e4a\"/>",
-            10 + 20 * i,
-            105.0 - h
-        );
-    }
-    let _ = write!(s, "<text x=\"10\" y=\"118\" font-size=\"10\">{lo:.3}</text><text x=\"360\" y=\"118\" font-size=\"10\">{hi:.3}</text></svg>");
-    s
-}
-
-/// A self-contained HTML report (no external resources).
-pub fn html(rows: &[CompareRow]) -> String {
-    let mut s = String::from(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>dsel compare</title><style>body{font-family:sans-serif;margin:2em;max-width:1000px}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style></head><body><h1>Method comparison</h1>",
-    );
-    s.push_str("<table><tr><th>method</th><th>selection s</th><th>peak MiB</th><th>artifact MB</th><th>test loss</th><th>metric</th></tr>");
-    for r in rows {
-        let _ = write!(
-            s,
-            "<tr><td>{}</td><td>{:.0}</td><td>{:.0}</td><td>{:.1}</td><td>{:.4}</td><td>{} {:.3}</td></tr>",
-            esc(&r.method),
-            r.selection_seconds,
-            r.peak_mib,
-            r.artifact_bytes as f64 / 1e6,
-            r.eval.test_loss,
-            esc(&r.eval.metric_name),
-            r.eval.metric
-        );
-    }
-    s.push_str("</table>");
-    let labels: Vec<String> = rows.iter().map(|r| r.method.clone()).collect();
-    s.push_str("<h2>Target test loss after fine-tuning on the selection</h2>");
-    s.push_str(&bars(
-        &labels,
-        &rows.iter().map(|r| r.eval.test_loss).collect::<Vec<_>>(),
-        |v| format!("{v:.4}"),
-    ));
-    s.push_str("<h2>Task metric</h2>");
-    s.push_str(&bars(
-        &labels,
-        &rows.iter().map(|r| r.eval.metric).collect::<Vec<_>>(),
-        |v| format!("{v:.3}"),
-    ));
-    s.push_str("<h2>Selection composition by source family</h2>");
-    for r in rows.iter().filter(|r| !r.selected_by_source.is_empty()) {
-        let mut fam: BTreeMap<String, f64> = BTreeMap::new();
-        for (k, v) in &r.selected_by_source {
-            *fam.entry(k.split('/').next().unwrap_or(k).to_string())
-                .or_default() += *v as f64;
-        }
-        let _ = write!(s, "<h3>{}</h3>", esc(&r.method));
-        let (l, v): (Vec<String>, Vec<f64>) = fam.into_iter().unzip();
-        s.push_str(&bars(&l, &v, |x| format!("{x:.0}")));
-    }
-    s.push_str("<h2>Score histograms of the selected examples</h2>");
-    for r in rows.iter().filter(|r| !r.selected_scores.is_empty()) {
-        let _ = write!(
-            s,
-            "<h3>{}</h3>{}",
-            esc(&r.method),
-            histogram(&r.selected_scores)
-        );
-    }
-    s.push_str("</body></html>\n");
-    s
 }
 
 #[cfg(test)]
@@ -312,39 +544,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn report_is_self_contained_and_escapes_text() {
-        let row = CompareRow {
-            method: "a<b".into(),
-            selection_seconds: 1.0,
-            peak_mib: 10.0,
-            artifact_bytes: 5,
-            selected_by_source: [
-                ("t0/x".to_string(), 3usize),
-                ("flan_v2_cot/y".to_string(), 1),
-            ]
-            .into_iter()
-            .collect(),
-            eval: EvalResult {
-                task: "mmlu".into(),
-                test_loss: 1.5,
-                metric_name: "accuracy".into(),
-                metric: 0.25,
-                per_subtask: BTreeMap::new(),
-                n: 4,
-                seconds: 1.0,
-            },
-            seeds: 1,
-            selected_scores: vec![0.1, 0.2, 0.3],
-        };
-        let h = html(std::slice::from_ref(&row));
-        assert!(h.contains("a&lt;b") && !h.contains("a<b"));
-        assert!(
-            !h.contains("<script") && !h.contains("<link") && !h.contains("src="),
-            "no external resources"
-        );
-        assert_eq!(
-            share_text(&row.selected_by_source),
-            "flan_v2_cot 25%, t0 75%"
-        );
+    fn mean_and_sample_std() {
+        let (m, s) = mean_std(&[1.0, 2.0, 3.0]);
+        assert!((m - 2.0).abs() < 1e-12 && (s - 1.0).abs() < 1e-12);
+        assert_eq!(mean_std(&[4.0]), (4.0, 0.0));
+        assert!(mean_std(&[]).0.is_nan());
+    }
+
+    #[test]
+    fn share_text_groups_by_family() {
+        let m: BTreeMap<String, usize> = [
+            ("t0/x".to_string(), 3usize),
+            ("flan_v2_cot/y".to_string(), 1),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(share_text(&m), "flan_v2_cot 25%, t0 75%");
+    }
+
+    #[test]
+    fn seed_runs_get_their_own_folders() {
+        let out = Path::new("runs/mmlu-compare");
+        assert_eq!(run_dir(out, "tov", 0, 0), Path::new("runs/mmlu-tov"));
+        assert_eq!(run_dir(out, "tov", 1, 1), Path::new("runs/mmlu-tov-seed1"));
     }
 }

@@ -223,8 +223,87 @@ pub struct SelectRequest {
     pub preset: Preset,
 }
 
+/// A pool example shown in reports: its id, source, score and text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snippet {
+    /// Example id.
+    pub id: String,
+    /// Example source.
+    pub source: String,
+    /// The method's score.
+    pub score: f64,
+    /// Length in tokens.
+    pub length: u32,
+    /// The example's text (turns joined by newlines), cut to
+    /// [`SNIPPET_CHARS`] characters.
+    pub text: String,
+}
+
+/// Characters of an example's text kept in a [`Snippet`].
+pub const SNIPPET_CHARS: usize = 400;
+
+/// Everything a selection run produced, for callers that report on it.
+#[derive(Debug, Clone)]
+pub struct SelectOutcome {
+    /// `summary.json`.
+    pub summary: RunSummary,
+    /// `scores.parquet`, one row per candidate in pool order.
+    pub rows: Vec<ScoreRow>,
+    /// Per source family (the part of the source before `/`), the
+    /// highest- and lowest-scored candidates (`per_family` of each, best first
+    /// and worst last); empty when the method has no scores (random).
+    pub extremes: Vec<(String, Vec<Snippet>, Vec<Snippet>)>,
+}
+
 /// Run a selection method end to end and write its run folder.
 pub fn select(p: &mut Pipeline, req: &SelectRequest) -> Result<RunSummary> {
+    Ok(select_with_details(p, req)?.summary)
+}
+
+/// Per source family, the `per_family` highest- and lowest-scored rows
+/// (NaN scores skipped; ties broken by pool position).
+pub fn extremes(
+    rows: &[ScoreRow],
+    text_of: impl Fn(usize) -> String,
+    per_family: usize,
+) -> Vec<(String, Vec<Snippet>, Vec<Snippet>)> {
+    let mut by_family: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
+    for (i, r) in rows.iter().enumerate() {
+        if r.score.is_finite() {
+            let fam = r.source.split('/').next().unwrap_or(&r.source);
+            by_family.entry(fam).or_default().push(i);
+        }
+    }
+    let snippet = |i: usize| {
+        let text: String = text_of(i).chars().take(SNIPPET_CHARS).collect();
+        Snippet {
+            id: rows[i].id.clone(),
+            source: rows[i].source.clone(),
+            score: rows[i].score,
+            length: rows[i].length,
+            text,
+        }
+    };
+    by_family
+        .into_iter()
+        .map(|(fam, mut idx)| {
+            idx.sort_by(|&a, &b| rows[b].score.total_cmp(&rows[a].score).then(a.cmp(&b)));
+            let top: Vec<Snippet> = idx.iter().take(per_family).map(|&i| snippet(i)).collect();
+            let bottom: Vec<Snippet> = idx
+                .iter()
+                .rev()
+                .take(per_family)
+                .rev()
+                .map(|&i| snippet(i))
+                .collect();
+            (fam.to_string(), top, bottom)
+        })
+        .collect()
+}
+
+/// [`select`], also returning the score rows and the top and bottom examples
+/// per source family.
+pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<SelectOutcome> {
     let started = Instant::now();
     let target = TargetSpec::parse(&req.task)?;
     p.load_model(&req.model)?;
@@ -434,5 +513,14 @@ pub fn select(p: &mut Pipeline, req: &SelectRequest) -> Result<RunSummary> {
         config,
     };
     output::write_summary(&req.out_dir.join("summary.json"), &summary)?;
-    Ok(summary)
+    let extremes = extremes(
+        &rows,
+        |i| crate::baselines::text(&examples[pool_set.index[i].row as usize]),
+        2,
+    );
+    Ok(SelectOutcome {
+        summary,
+        rows,
+        extremes,
+    })
 }

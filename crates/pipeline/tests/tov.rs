@@ -253,3 +253,77 @@ fn every_baseline_selects_the_budget_and_lexical_ones_find_the_near_copies() {
         }
     }
 }
+
+#[test]
+fn compare_trains_evaluates_and_reports_every_row_over_seeds() {
+    use dsel_pipeline::compare::{self, CompareOptions, RowKind};
+    use dsel_pipeline::evaluate::{EvalConfig, TrainOnSelection};
+    use dsel_pipeline::online::SelectorKind;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let target = fixture("toy_target.jsonl");
+    let mut base = request(tmp.path(), &target, Method::Random, 1, "toy-random");
+    base.budget = Budget::Count(6);
+    let mut train = TrainOnSelection::cpu();
+    train.max_len = 64;
+    train.train.micro_batch = 2;
+    train.train.lr = 3e-3;
+    let eval = EvalConfig::cpu();
+    let opts = CompareOptions {
+        methods: vec![Method::Random, Method::Bm25],
+        selectors: vec![SelectorKind::None, SelectorKind::MaxLoss],
+        online_steps: 3,
+        seeds: 2,
+        full_pool: true,
+    };
+    let out = tmp.path().join("toy-compare");
+    let mut p = Pipeline::new(&tmp.path().join("cache"), &data_root()).unwrap();
+    let rep = compare::compare(&mut p, &base, &opts, &train, &eval, &out).unwrap();
+
+    let names: Vec<&str> = rep.rows.iter().map(|r| r.method.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "no-finetune",
+            "random",
+            "bm25",
+            "online:none",
+            "online:maxloss",
+            "full-pool"
+        ]
+    );
+    let reference = rep.rows[0].runs[0].eval.test_loss;
+    for r in &rep.rows[1..] {
+        assert_eq!(r.runs.len(), 2, "{}: one run per seed", r.method);
+        assert_eq!(r.runs[0].seed, 1);
+        assert_eq!(r.runs[1].seed, 2);
+        for run in &r.runs {
+            assert!(run.eval.test_loss.is_finite());
+            assert_ne!(
+                run.eval.test_loss, reference,
+                "{}: training must move the target loss",
+                r.method
+            );
+            assert!(!run.step_losses.is_empty(), "{}: loss curve", r.method);
+        }
+        assert!(!r.selected_lengths.is_empty());
+    }
+    // Random selections differ across seeds, so do their fine-tunes.
+    let random = &rep.rows[1];
+    assert_ne!(random.runs[0].eval.test_loss, random.runs[1].eval.test_loss);
+    assert_eq!(random.selected_lengths.len(), 6);
+    assert!(random.extremes.is_empty(), "random has no scores");
+    // BM25 scores every candidate: extremes per family, best first.
+    let (_, top, bottom) = &rep.rows[2].extremes[0];
+    assert!(top[0].score >= bottom.last().unwrap().score);
+    assert!(rep.rows[2].selection_cpu() > 0.0, "recorded build CPU time");
+    assert_eq!(rep.rows[3].kind, RowKind::Online);
+    assert_eq!(rep.rows[3].runs[0].step_losses.len(), 3);
+    assert_eq!(rep.rows[5].selected_lengths.len(), rep.pool_size);
+    for f in ["table.md", "table.csv", "compare.json", "report.html"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    let md = std::fs::read_to_string(out.join("table.md")).unwrap();
+    assert!(md.contains(" ± "), "mean ± std with two seeds:\n{md}");
+    assert!(tmp.path().join("toy-random-seed2/selection.jsonl").exists());
+}

@@ -53,6 +53,10 @@ pub struct Manifest {
     pub tool_version: String,
     /// Wall-clock seconds the build took (closure + hashing + commit).
     pub build_seconds: f64,
+    /// CPU seconds (user + system, all threads of the process) the build took;
+    /// 0 in manifests written before this field existed.
+    #[serde(default)]
+    pub build_cpu_seconds: f64,
     /// Free-form information the stage recorded (counts, skipped examples…).
     #[serde(default)]
     pub info: Value,

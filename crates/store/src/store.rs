@@ -535,6 +535,7 @@ impl Store {
         self.remove_stale_tmp(&key);
 
         let build_start = Instant::now();
+        let cpu_start = crate::fsutil::process_cpu_seconds();
         let tmp_dir = self.root.join(TMP_DIR).join(format!("{key}-{}", nonce()));
         fs::create_dir_all(&tmp_dir)
             .with_context(|| format!("creating build folder {}", tmp_dir.display()))?;
@@ -580,6 +581,7 @@ impl Store {
             created_unix,
             tool_version: env!("CARGO_PKG_VERSION").to_string(),
             build_seconds: build_start.elapsed().as_secs_f64(),
+            build_cpu_seconds: crate::fsutil::process_cpu_seconds() - cpu_start,
             info: std::mem::take(&mut builder.info),
         };
         let manifest_json =

@@ -215,6 +215,9 @@ pub struct EpochSummary {
     pub tokens: Option<u64>,
     /// Wall-clock seconds spent (summed over resumed calls; not deterministic).
     pub seconds: f64,
+    /// Mean loss of each optimizer step of the epoch, in order (the loss curve).
+    #[serde(default)]
+    pub step_losses: Vec<f64>,
 }
 
 /// Result of [`train`].
@@ -309,6 +312,9 @@ struct EpochAcc {
     tokens: Option<u64>,
     #[serde(with = "f64_exact")]
     seconds: f64,
+    /// Mean loss of each optimizer step (finite: non-finite losses abort).
+    #[serde(default)]
+    step_losses: Vec<f64>,
 }
 
 impl EpochAcc {
@@ -332,6 +338,7 @@ impl EpochAcc {
             mean_grad_norm: (self.grad_norms > 0).then(|| div(self.grad_norm_sum, self.grad_norms)),
             tokens: self.tokens,
             seconds: self.seconds,
+            step_losses: self.step_losses.clone(),
         }
     }
 }
@@ -774,6 +781,7 @@ pub fn train(
             current.examples += n_step as u64;
             current.lr_sum += lr;
             current.loss_sum += step_loss_sum;
+            current.step_losses.push(step_loss);
             if let Some(g) = grad_norm {
                 current.grad_norm_sum += g;
                 current.grad_norms += 1;
