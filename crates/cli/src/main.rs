@@ -58,6 +58,9 @@ enum Command {
     TrainOnline(TrainOnlineArgs),
     /// Run several methods, train on each selection, evaluate, and write runs/<task>-compare/.
     Compare(CompareArgs),
+    /// Compute shard i/N of the LESS pool datastore (one of several workers or
+    /// machines); gather the printed folders into one cache, then `select --method less`.
+    LessShard(LessShardArgs),
     /// Inspect and maintain the artifact cache.
     #[command(subcommand)]
     Cache(CacheCommand),
@@ -233,6 +236,27 @@ struct TrainOnlineArgs {
     seed: u64,
     #[command(flatten)]
     size: EvalSizeArgs,
+}
+
+#[derive(Args, Debug)]
+struct LessShardArgs {
+    /// This worker's shard: i/N (0-based i < N); shard s is computed when s % N == i.
+    #[arg(long)]
+    shard: String,
+    /// Model.
+    #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: PathBuf,
+    #[command(flatten)]
+    pool: PoolArgs,
+    /// Preset the LESS settings come from (cpu or paper).
+    #[arg(long, default_value = "cpu")]
+    preset: Preset,
+    /// Maximum tokens per pool example. Default: the preset's.
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// Seed (pool sample and warmup subset), as given to `select`.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Args, Debug)]
@@ -626,6 +650,41 @@ fn run() -> Result<()> {
                 "{}",
                 serde_json::to_string_pretty(&serde_json::json!({"online": report, "eval": r}))?
             );
+            Ok(())
+        }
+        Command::LessShard(a) => {
+            let shard = dsel_pipeline::less::ShardSel::parse(&a.shard)?;
+            let values = a.preset.values();
+            let mut p = Pipeline::new(&g.cache, &g.data_root)?;
+            p.load_model(&a.model)?;
+            let pool_ing =
+                p.ingest_pool(&a.pool.pool, &subset(&a.pool, values.pool_limit, a.seed))?;
+            let pool_tok = p.tokenize(&pool_ing, a.max_len.unwrap_or(values.max_len), "pool")?;
+            let mut cfg = match a.preset {
+                Preset::Cpu => dsel_pipeline::less::LessConfig::cpu(),
+                Preset::Paper => dsel_pipeline::less::LessConfig::paper(),
+            };
+            cfg.seed = a.seed;
+            let o = dsel_pipeline::less::datastore_shard(&mut p, &pool_tok, &cfg, shard)?;
+            match o.report {
+                None => println!(
+                    "the datastore is already built in this cache; nothing to do ({})",
+                    o.scratch.display()
+                ),
+                Some(r) => println!(
+                    "shard {}: {} of {} units computed ({} found done) in {:.0}s, {:.2} examples/s\n\
+                     units are in {}\n\
+                     copy the files of every shard's folder into that folder of one cache, then run \
+                     `dsel select --method less` there with the same pool, model, preset and seed",
+                    a.shard,
+                    r.units_computed,
+                    r.units_total,
+                    r.units_resumed,
+                    r.seconds,
+                    r.examples_per_second,
+                    o.scratch.display()
+                ),
+            }
             Ok(())
         }
         Command::Cache(c) => run_cache(&g, c),

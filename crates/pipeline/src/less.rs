@@ -30,6 +30,8 @@ use serde_json::json;
 
 use crate::Pipeline;
 
+pub use dsel_less::ShardSel;
+
 /// Stage name of the pool datastore.
 pub const DATASTORE_STAGE: &str = "less-datastore";
 /// Stage name of the validation features.
@@ -169,6 +171,28 @@ pub fn warmup_indices(n: usize, fraction: f64, seed: u64) -> Vec<usize> {
     u
 }
 
+/// The artifact spec of one feature stage over `set_art`.
+fn feature_spec(
+    p: &mut Pipeline,
+    stage: &str,
+    set_art: &Artifact,
+    warm: &Artifact,
+    ckpts: &[Checkpoint],
+    kind: GradientKind,
+    cfg: &DatastoreConfig,
+) -> Result<StageSpec> {
+    let fp = p.model()?.fingerprint.clone();
+    let epochs: Vec<usize> = ckpts.iter().map(|c| c.epoch).collect();
+    Ok(StageSpec::new(
+        stage,
+        dsel_less::DATASTORE_VERSION,
+        json!({"model": fp, "datastore": cfg, "epochs": epochs, "gradient": kind}),
+    )
+    .input(warm.key().clone())
+    .input(set_art.key().clone())
+    .with_seed(cfg.seed))
+}
+
 /// Builds (or reuses) one feature stage over `set`.
 #[allow(clippy::too_many_arguments)]
 fn feature_stage(
@@ -181,16 +205,7 @@ fn feature_stage(
     kind: GradientKind,
     cfg: &DatastoreConfig,
 ) -> Result<(Artifact, bool, f64, Option<BuildReport>)> {
-    let fp = p.model()?.fingerprint.clone();
-    let epochs: Vec<usize> = ckpts.iter().map(|c| c.epoch).collect();
-    let spec = StageSpec::new(
-        stage,
-        dsel_less::DATASTORE_VERSION,
-        json!({"model": fp, "datastore": cfg, "epochs": epochs, "gradient": kind}),
-    )
-    .input(warm.key().clone())
-    .input(set_art.key().clone())
-    .with_seed(cfg.seed);
+    let spec = feature_spec(p, stage, set_art, warm, ckpts, kind, cfg)?;
     let set = TokenizedSet::open(set_art.dir())?;
     let mut model = Model::new(&p.model()?.raw)?;
     let mut built: Option<BuildReport> = None;
@@ -220,6 +235,103 @@ fn feature_stage(
     Ok((o.artifact.clone(), o.cache_hit, o.seconds, built))
 }
 
+/// The warmup fine-tune (cached): its artifact, the checkpoints of its
+/// epochs and the epochs' mean learning rates.
+fn warmup(
+    p: &mut Pipeline,
+    pool_tok: &Artifact,
+    n: usize,
+    cfg: &LessConfig,
+) -> Result<(Artifact, Vec<Checkpoint>, Vec<f64>, usize)> {
+    let indices = warmup_indices(n, cfg.warmup_fraction, cfg.seed);
+    let mut ft = cfg.warmup.clone();
+    ft.save_epochs = true;
+    let warm = p.finetune("warmup", "less warmup", pool_tok, &indices, None, &ft)?;
+    let train_json = warm.path("train.json");
+    let report: FinetuneReport = serde_json::from_slice(
+        &std::fs::read(&train_json).with_context(|| format!("reading {}", train_json.display()))?,
+    )
+    .with_context(|| format!("parsing {}", train_json.display()))?;
+    let lrs: Vec<f64> = report.train.epochs.iter().map(|e| e.mean_lr).collect();
+    anyhow::ensure!(
+        !lrs.is_empty(),
+        "{}: no epochs recorded",
+        train_json.display()
+    );
+    let ckpts: Vec<Checkpoint> = (1..=lrs.len())
+        .map(|k| Checkpoint {
+            epoch: k,
+            adapter: warm.path(&format!("epoch-{k}/adapter.safetensors")),
+            optimizer: warm.path(&format!("epoch-{k}/optimizer.safetensors")),
+        })
+        .collect();
+    Ok((warm, ckpts, lrs, indices.len()))
+}
+
+/// What [`datastore_shard`] did.
+#[derive(Debug, Clone)]
+pub struct ShardOutcome {
+    /// The scratch folder holding the finished units (copy its files into the
+    /// same folder of the cache that assembles the datastore).
+    pub scratch: std::path::PathBuf,
+    /// The build report of this call (`None` when the datastore was already built).
+    pub report: Option<BuildReport>,
+}
+
+/// Computes this worker's shards of the pool datastore (`shard` = `i/N`)
+/// into the datastore's scratch folder, without assembling the artifact.
+/// Run every `i` (on one or several machines, each with the same model,
+/// pool and config: the warmup is deterministic, so each computes the same
+/// one), gather the scratch folders' files into one cache, and the next
+/// `select --method less` there finds every unit done and assembles the same
+/// bytes as a single run.
+pub fn datastore_shard(
+    p: &mut Pipeline,
+    pool_tok: &Artifact,
+    cfg: &LessConfig,
+    shard: dsel_less::ShardSel,
+) -> Result<ShardOutcome> {
+    let set = TokenizedSet::open(pool_tok.dir())?;
+    anyhow::ensure!(!set.is_empty(), "LESS needs a non-empty pool");
+    let (warm, ckpts, _, _) = warmup(p, pool_tok, set.len(), cfg)?;
+    let spec = feature_spec(
+        p,
+        DATASTORE_STAGE,
+        pool_tok,
+        &warm,
+        &ckpts,
+        GradientKind::Adam,
+        &cfg.datastore,
+    )?;
+    let scratch = p.store.scratch_dir_of(&spec)?;
+    if p.store.lookup(&spec)?.is_some() {
+        return Ok(ShardOutcome {
+            scratch,
+            report: None,
+        });
+    }
+    let mut model = Model::new(&p.model()?.raw)?;
+    let opts = BuildOptions {
+        shard,
+        label: format!("pool datastore shard {}/{}", shard.index, shard.count),
+        ..Default::default()
+    };
+    let rep = dsel_less::build(
+        &mut model,
+        &set,
+        &ckpts,
+        GradientKind::Adam,
+        &cfg.datastore,
+        &scratch,
+        None,
+        &opts,
+    )?;
+    Ok(ShardOutcome {
+        scratch,
+        report: Some(rep),
+    })
+}
+
 /// Runs LESS on a tokenized pool and a tokenized target (validation
 /// examples, with subtasks in their index); returns one score per pool example.
 pub fn score(
@@ -244,31 +356,16 @@ pub fn score(
 
     // 1. Warmup.
     let t = Instant::now();
-    let indices = warmup_indices(n, cfg.warmup_fraction, cfg.seed);
-    let mut ft = cfg.warmup.clone();
-    ft.save_epochs = true;
-    let warm = p.finetune("warmup", "less warmup", pool_tok, &indices, None, &ft)?;
-    let warmup_hit = p.records.last().map(|r| r.cache_hit).unwrap_or(false);
+    let (warm, ckpts, lrs, warmup_examples) = warmup(p, pool_tok, n, cfg)?;
+    let warmup_hit = p
+        .records
+        .iter()
+        .rev()
+        .find(|r| r.stage == "warmup")
+        .map(|r| r.cache_hit)
+        .unwrap_or(false);
     let warmup_seconds = t.elapsed().as_secs_f64();
-    let train_json = warm.path("train.json");
-    let report: FinetuneReport = serde_json::from_slice(
-        &std::fs::read(&train_json).with_context(|| format!("reading {}", train_json.display()))?,
-    )
-    .with_context(|| format!("parsing {}", train_json.display()))?;
-    let lrs: Vec<f64> = report.train.epochs.iter().map(|e| e.mean_lr).collect();
-    anyhow::ensure!(
-        !lrs.is_empty(),
-        "{}: no epochs recorded",
-        train_json.display()
-    );
     let weights = dsel_less::checkpoint_weights(&lrs)?;
-    let ckpts: Vec<Checkpoint> = (1..=lrs.len())
-        .map(|k| Checkpoint {
-            epoch: k,
-            adapter: warm.path(&format!("epoch-{k}/adapter.safetensors")),
-            optimizer: warm.path(&format!("epoch-{k}/optimizer.safetensors")),
-        })
-        .collect();
     let epochs: Vec<usize> = ckpts.iter().map(|c| c.epoch).collect();
 
     // 2. Datastore (target independent).
@@ -313,7 +410,7 @@ pub fn score(
         .map(|r| r.examples_per_second)
         .or_else(|| info["examples_per_second"].as_f64());
     let report = json!({
-        "warmup_examples": indices.len(),
+        "warmup_examples": warmup_examples,
         "warmup_seconds": warmup_seconds,
         "warmup_cache_hit": warmup_hit,
         "datastore_seconds": store_secs,
@@ -538,6 +635,100 @@ mod tests {
         write_sorted_csv(&csv, &ids, &s1.scores).unwrap();
         let text = std::fs::read_to_string(&csv).unwrap();
         assert_eq!(text.lines().count(), ids.len() + 1);
+    }
+
+    /// `--shard i/N` workers in separate caches, their scratch files gathered
+    /// into one: the assembled datastore has the same bytes as one run's, and
+    /// assembling computes nothing.
+    #[test]
+    fn sharded_datastore_builds_merge_into_the_same_bytes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mixture = tmp.path().join("toy.toml");
+        std::fs::write(
+            &mixture,
+            format!(
+                "description = \"toy\"\n[[entry]]\npath = \"{}\"\nformat = \"messages\"\nsource = \"toy\"\n",
+                fixture("toy_pool.jsonl").display()
+            ),
+        )
+        .unwrap();
+        let cfg = toy_config();
+        let opts = dsel_ingest::SubsetOptions {
+            limit: None,
+            per_source_cap: None,
+            seed: 0,
+        };
+        let setup = |cache: &str| {
+            let mut p = Pipeline::new(&tmp.path().join(cache), &data_root()).unwrap();
+            p.load_model(&data_root().join("models/stories260K/hf"))
+                .unwrap();
+            let pool = p
+                .ingest_pool(&mixture.display().to_string(), &opts)
+                .unwrap();
+            let pool_tok = p.tokenize(&pool, 64, "pool").unwrap();
+            (p, pool_tok)
+        };
+        let shard = |i| dsel_less::ShardSel::parse(&format!("{i}/2")).unwrap();
+        let (mut pa, tok_a) = setup("a");
+        let a = datastore_shard(&mut pa, &tok_a, &cfg, shard(0)).unwrap();
+        let (mut pb, tok_b) = setup("b");
+        let b = datastore_shard(&mut pb, &tok_b, &cfg, shard(1)).unwrap();
+        let (ra, rb) = (a.report.unwrap(), b.report.unwrap());
+        assert!(!ra.complete && !rb.complete);
+        assert!(ra.units_computed > 0 && rb.units_computed > 0);
+        assert_eq!(ra.units_computed + rb.units_computed, ra.units_total);
+        fn copy_tree(from: &Path, to: &Path) {
+            std::fs::create_dir_all(to).unwrap();
+            for e in std::fs::read_dir(from).unwrap() {
+                let e = e.unwrap();
+                if e.file_type().unwrap().is_dir() {
+                    copy_tree(&e.path(), &to.join(e.file_name()));
+                } else {
+                    std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+                }
+            }
+        }
+        copy_tree(&b.scratch, &a.scratch);
+        let target = |p: &mut Pipeline| {
+            let spec =
+                dsel_ingest::TargetSpec::parse(&fixture("toy_target.jsonl").display().to_string())
+                    .unwrap();
+            let t = p.ingest_target(&spec).unwrap();
+            p.tokenize(&t, 64, "target").unwrap()
+        };
+        let t_a = target(&mut pa);
+        let merged = score(&mut pa, &tok_a, &t_a, &cfg).unwrap();
+        let (mut pc, tok_c) = setup("c");
+        let t_c = target(&mut pc);
+        let single = score(&mut pc, &tok_c, &t_c, &cfg).unwrap();
+        assert_eq!(merged.scores, single.scores);
+        let datastore_file = |p: &Pipeline| {
+            let r = p
+                .records
+                .iter()
+                .find(|r| r.stage == DATASTORE_STAGE)
+                .unwrap();
+            let art = p.store.open_artifact(&r.key).unwrap();
+            std::fs::read(art.path(&dsel_less::features_file(1))).unwrap()
+        };
+        assert_eq!(datastore_file(&pa), datastore_file(&pc));
+        let info = &pa
+            .store
+            .open_artifact(
+                &pa.records
+                    .iter()
+                    .find(|r| r.stage == DATASTORE_STAGE)
+                    .unwrap()
+                    .key,
+            )
+            .unwrap()
+            .manifest()
+            .info
+            .clone();
+        assert_eq!(
+            info["units_computed"], 0,
+            "assembly computes nothing: {info}"
+        );
     }
 
     /// The real run (release, minutes): `cargo test --release -p dsel-pipeline

@@ -824,6 +824,18 @@ impl Store {
         (Some(manifest), problems, extra)
     }
 
+    /// The persistent scratch folder a build of `spec` resumes from
+    /// (`<root>/partial/<stage>/<key>/`, created here). Stages that compute
+    /// in independent units (the LESS datastore's shards) can fill it from
+    /// several processes or machines; the next [`Store::get_or_build`] of
+    /// `spec` finds those units done.
+    pub fn scratch_dir_of(&self, spec: &StageSpec) -> Result<PathBuf> {
+        validate_stage_name(&spec.stage)?;
+        let dir = self.partial_dir(&spec.stage, &spec.key());
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(dir)
+    }
+
     /// The verified artifact of `spec`, or `None` if it is not built. A
     /// corrupt artifact is reported with a warning and treated as missing
     /// (the next [`Store::get_or_build`] rebuilds it).
