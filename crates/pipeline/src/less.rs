@@ -567,12 +567,9 @@ mod tests {
         c
     }
 
-    /// End to end on stories260K and the toy pool: near-copies of the robot
-    /// target rank first; a second target reuses warmup and datastore.
-    #[test]
-    fn less_ranks_near_copies_first_and_reuses_the_datastore() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mixture = tmp.path().join("toy.toml");
+    /// A pipeline on `cache` with stories260K loaded and the toy pool tokenized (64 tokens).
+    fn toy_pool(dir: &Path, cache: &str) -> (Pipeline, Artifact) {
+        let mixture = dir.join("toy.toml");
         std::fs::write(
             &mixture,
             format!(
@@ -581,7 +578,7 @@ mod tests {
             ),
         )
         .unwrap();
-        let mut p = Pipeline::new(&tmp.path().join("cache"), &data_root()).unwrap();
+        let mut p = Pipeline::new(&dir.join(cache), &data_root()).unwrap();
         p.load_model(&data_root().join("models/stories260K/hf"))
             .unwrap();
         let opts = dsel_ingest::SubsetOptions {
@@ -593,6 +590,15 @@ mod tests {
             .ingest_pool(&mixture.display().to_string(), &opts)
             .unwrap();
         let pool_tok = p.tokenize(&pool, 64, "pool").unwrap();
+        (p, pool_tok)
+    }
+
+    /// End to end on stories260K and the toy pool: near-copies of the robot
+    /// target rank first; a second target reuses warmup and datastore.
+    #[test]
+    fn less_ranks_near_copies_first_and_reuses_the_datastore() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut p, pool_tok) = toy_pool(tmp.path(), "cache");
         let ids: Vec<String> = TokenizedSet::open(pool_tok.dir())
             .unwrap()
             .index
@@ -643,31 +649,8 @@ mod tests {
     #[test]
     fn sharded_datastore_builds_merge_into_the_same_bytes() {
         let tmp = tempfile::tempdir().unwrap();
-        let mixture = tmp.path().join("toy.toml");
-        std::fs::write(
-            &mixture,
-            format!(
-                "description = \"toy\"\n[[entry]]\npath = \"{}\"\nformat = \"messages\"\nsource = \"toy\"\n",
-                fixture("toy_pool.jsonl").display()
-            ),
-        )
-        .unwrap();
         let cfg = toy_config();
-        let opts = dsel_ingest::SubsetOptions {
-            limit: None,
-            per_source_cap: None,
-            seed: 0,
-        };
-        let setup = |cache: &str| {
-            let mut p = Pipeline::new(&tmp.path().join(cache), &data_root()).unwrap();
-            p.load_model(&data_root().join("models/stories260K/hf"))
-                .unwrap();
-            let pool = p
-                .ingest_pool(&mixture.display().to_string(), &opts)
-                .unwrap();
-            let pool_tok = p.tokenize(&pool, 64, "pool").unwrap();
-            (p, pool_tok)
-        };
+        let setup = |cache: &str| toy_pool(tmp.path(), cache);
         let shard = |i| dsel_less::ShardSel::parse(&format!("{i}/2")).unwrap();
         let (mut pa, tok_a) = setup("a");
         let a = datastore_shard(&mut pa, &tok_a, &cfg, shard(0)).unwrap();
