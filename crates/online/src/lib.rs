@@ -41,7 +41,8 @@ use serde::{Deserialize, Serialize};
 pub use ghost::{cross_gram, squared_norms, GradFactors, InnerProductMode, LinearFactors};
 pub use greats::{greedy_select, Greats};
 pub use run::{
-    mean_loss, run_online, ExampleSource, OnlineReport, OnlineRunConfig, StepRecord, STAGE_VERSION,
+    mean_loss, run_online, run_online_interruptible, ExampleSource, OnlineReport, OnlineRunConfig,
+    StepRecord, CHECKPOINT_EVERY, STAGE_VERSION,
 };
 pub use simple::{GradNorm, MaxLoss, Regular};
 pub use uds::{FifoBuffer, Uds};
@@ -94,6 +95,18 @@ pub trait OnlineSelector {
         k: usize,
         ctx: &SelectContext,
     ) -> Result<Selection>;
+
+    /// State carried from step to step (UDS's buffer), for checkpoints;
+    /// `Null` for selectors whose choices depend only on the step.
+    fn state(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::Value::Null)
+    }
+
+    /// Restores what [`OnlineSelector::state`] returned.
+    fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
+        let _ = state;
+        Ok(())
+    }
 }
 
 /// Selector names a user picks.

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{OnlineSelector, SelectContext, SelectorConfig};
 
+/// Optimizer steps between resumable checkpoints of an online run.
+pub const CHECKPOINT_EVERY: u64 = 10;
+
 /// Bump when the online-training computation or output layout changes.
 pub const STAGE_VERSION: &str = "train-online-1";
 
@@ -124,8 +127,8 @@ impl OnlineRunConfig {
     }
 
     /// The training-loop configuration: one epoch over `steps · B` virtual
-    /// examples in order, micro-batch `B`, one micro-batch per step, no
-    /// intermediate checkpoints.
+    /// examples in order, micro-batch `B`, one micro-batch per step, and
+    /// a resumable checkpoint every [`CHECKPOINT_EVERY`] steps.
     pub fn train_config(&self) -> TrainConfig {
         TrainConfig {
             epochs: 1,
@@ -136,7 +139,7 @@ impl OnlineRunConfig {
             seed: self.seed,
             shuffle: false,
             max_grad_norm: self.max_grad_norm,
-            checkpoint_every_steps: None,
+            checkpoint_every_steps: Some(CHECKPOINT_EVERY),
             adam: self.adam,
         }
     }
@@ -261,9 +264,72 @@ struct Shared {
 
 struct Hooks<'a> {
     shared: &'a RefCell<Shared>,
+    selector: &'a RefCell<Box<dyn OnlineSelector>>,
+    /// Test hook: fail right after this many steps (a simulated kill).
+    interrupt_after: Option<u64>,
+}
+
+/// What an online run keeps beside a training checkpoint at `step`.
+#[derive(Serialize, Deserialize)]
+struct SavedState {
+    step: u64,
+    selector: serde_json::Value,
+    records: Vec<StepRecord>,
+}
+
+fn state_file(dir: &Path, step: u64) -> std::path::PathBuf {
+    dir.join(format!("online-state-{step:08}.json"))
 }
 
 impl TrainHooks for Hooks<'_> {
+    fn before_checkpoint(&mut self, step: u64, dir: &Path) -> Result<()> {
+        let saved = SavedState {
+            step,
+            selector: self.selector.borrow().state()?,
+            records: self.shared.borrow().records.clone(),
+        };
+        dsel_store::atomic_write(state_file(dir, step), &serde_json::to_vec(&saved)?)?;
+        // Keep the newest two: the checkpoint being written and the one it replaces.
+        let mut old: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("listing {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|f| f.to_str())
+                    .is_some_and(|f| f.starts_with("online-state-"))
+            })
+            .collect();
+        old.sort();
+        for p in old.iter().rev().skip(2) {
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(())
+    }
+
+    fn on_resume(&mut self, step: u64, dir: &Path) -> Result<()> {
+        let path = state_file(dir, step);
+        let saved: SavedState =
+            serde_json::from_slice(&std::fs::read(&path).with_context(|| {
+                format!(
+                    "resuming online training at step {step}: reading {}",
+                    path.display()
+                )
+            })?)
+            .with_context(|| format!("{}: not an online-training state", path.display()))?;
+        if saved.step != step || saved.records.len() as u64 != step {
+            bail!(
+                "{}: state is for step {} with {} records, the checkpoint is at step {step}",
+                path.display(),
+                saved.step,
+                saved.records.len()
+            );
+        }
+        self.selector.borrow_mut().restore(&saved.selector)?;
+        self.shared.borrow_mut().records = saved.records;
+        tracing::info!("online training resumes at step {step}");
+        Ok(())
+    }
+
     fn on_step(&mut self, step: u64, lr: f64, loss: f64) -> Result<()> {
         let mut s = self.shared.borrow_mut();
         let now = Instant::now();
@@ -281,6 +347,12 @@ impl TrainHooks for Hooks<'_> {
             rec.select_seconds
         );
         s.records.push(rec);
+        if self.interrupt_after == Some(step + 1) {
+            bail!(
+                "online training interrupted after step {} (test hook)",
+                step + 1
+            );
+        }
         Ok(())
     }
 }
@@ -292,8 +364,10 @@ impl TrainHooks for Hooks<'_> {
 /// picks `k`, and the step trains on their mean loss (in the step's dropout
 /// mode). `val` feeds GREATS. Writes `adapter.safetensors`, `steps.jsonl`
 /// (one [`StepRecord`] per line) and `report.json` ([`OnlineReport`]) into
-/// `out`; `scratch` holds the training loop's checkpoint. Selector state (the
-/// UDS buffer) is not checkpointed, so a run always starts from step 0.
+/// `out`; `scratch` holds the training loop's checkpoints (every
+/// [`CHECKPOINT_EVERY`] steps) with the selector's state (the UDS buffer) and
+/// the step log beside each, so a killed run resumes where it stopped and
+/// ends identical to an uninterrupted one.
 pub fn run_online<P, V>(
     model: &mut Model,
     pool: &P,
@@ -301,6 +375,25 @@ pub fn run_online<P, V>(
     cfg: &OnlineRunConfig,
     scratch: &Path,
     out: &Path,
+) -> Result<OnlineReport>
+where
+    P: ExampleSource + ?Sized,
+    V: ExampleSource + ?Sized,
+{
+    run_online_interruptible(model, pool, val, cfg, scratch, out, None)
+}
+
+/// [`run_online`] that fails right after `interrupt_after` steps, as if the
+/// process were killed there (for resume tests).
+#[doc(hidden)]
+pub fn run_online_interruptible<P, V>(
+    model: &mut Model,
+    pool: &P,
+    val: &V,
+    cfg: &OnlineRunConfig,
+    scratch: &Path,
+    out: &Path,
+    interrupt_after: Option<u64>,
 ) -> Result<OnlineReport>
 where
     P: ExampleSource + ?Sized,
@@ -320,7 +413,8 @@ where
     } else {
         Vec::new()
     };
-    let mut selector: Box<dyn OnlineSelector> = cfg.selector.build(cfg.seed, val_examples)?;
+    let selector: RefCell<Box<dyn OnlineSelector>> =
+        RefCell::new(cfg.selector.build(cfg.seed, val_examples)?);
     let (b, k) = (cfg.candidates, cfg.k());
     let n_virtual = cfg.steps * b;
     let mut order = Vec::with_capacity(n_virtual);
@@ -335,9 +429,6 @@ where
     let vars = model.lora_params();
     let device = model.device().clone();
     let ckpt = scratch.join("train-checkpoints");
-    if ckpt.exists() {
-        std::fs::remove_dir_all(&ckpt).with_context(|| format!("removing {}", ckpt.display()))?;
-    }
     std::fs::create_dir_all(&ckpt).with_context(|| format!("creating {}", ckpt.display()))?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
 
@@ -358,6 +449,7 @@ where
             dropout_seed: ctx.dropout_seed,
             lr: ctx.lr,
         };
+        let mut selector = selector.borrow_mut();
         let sel = selector.select(model_ref, &batch, kk, &sctx)?;
         let mut seen = vec![false; batch.batch_size()];
         if sel.chosen.len() != kk
@@ -407,7 +499,11 @@ where
         });
         Ok(loss)
     };
-    let mut hooks = Hooks { shared: &shared };
+    let mut hooks = Hooks {
+        shared: &shared,
+        selector: &selector,
+        interrupt_after,
+    };
     shared.borrow_mut().last = Instant::now();
     let train = dsel_train::train(
         vars.clone(),
@@ -436,7 +532,7 @@ where
     let select_seconds: f64 = records.iter().map(|r| r.select_seconds).sum();
     let tail = (records.len() / 10).max(1);
     let report = OnlineReport {
-        selector: selector.name().to_string(),
+        selector: selector.borrow().name().to_string(),
         steps: records.len() as u64,
         candidates: b,
         k,

@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use dsel_model::rng::hash_words;
 use dsel_model::{Batch, Model};
@@ -225,6 +225,27 @@ impl Uds {
 impl OnlineSelector for Uds {
     fn name(&self) -> &str {
         "uds"
+    }
+
+    /// The buffer, oldest first, each embedding as its f32 bit patterns (exact).
+    fn state(&self) -> Result<serde_json::Value> {
+        let items: Vec<Vec<u32>> = self
+            .buffer
+            .iter()
+            .map(|z| z.iter().map(|x| x.to_bits()).collect())
+            .collect();
+        Ok(serde_json::json!({"buffer_bits": items}))
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
+        let items: Vec<Vec<u32>> = serde_json::from_value(state["buffer_bits"].clone())
+            .context("UDS state: expected buffer_bits, a list of f32 bit-pattern lists")?;
+        let mut buffer = FifoBuffer::new(self.buffer.capacity())?;
+        for z in items {
+            buffer.push(z.into_iter().map(f32::from_bits).collect());
+        }
+        self.buffer = buffer;
+        Ok(())
     }
 
     fn select(&mut self, m: &Model, c: &Batch, k: usize, _: &SelectContext) -> Result<Selection> {

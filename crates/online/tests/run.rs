@@ -169,3 +169,52 @@ fn invalid_configurations_are_rejected() {
     assert!("nope".parse::<SelectorKind>().is_err());
     assert_eq!("uds".parse::<SelectorKind>().unwrap(), SelectorKind::Uds);
 }
+
+#[test]
+fn a_killed_run_resumes_to_the_same_steps_and_adapter() {
+    // UDS carries its buffer across steps; GREATS and none depend on the step only.
+    for kind in [SelectorKind::Uds, SelectorKind::Greats, SelectorKind::None] {
+        let c = cfg(kind, 14, 4, None, 3);
+        let (s_full, a_full, _) = run(kind, DType::F32, &c);
+        let raw = tiny_raw(&tiny_config(37), 1, DType::F32);
+        let pool = examples(40, 37, 3, 10, 100);
+        let val = examples(5, 37, 4, 10, 200);
+        let dir = tempfile::tempdir().unwrap();
+        let (scratch, out) = (dir.path().join("scratch"), dir.path().join("out"));
+        let mut m = Model::new(&raw).unwrap();
+        let err = dsel_online::run_online_interruptible(
+            &mut m,
+            &pool,
+            &val,
+            &c,
+            &scratch,
+            &out,
+            Some(13),
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("interrupted"), "{err:#}");
+        let mut m = Model::new(&raw).unwrap();
+        let rep = run_online(&mut m, &pool, &val, &c, &scratch, &out).unwrap();
+        assert_eq!(
+            rep.train.resumed_from_step,
+            Some(dsel_online::CHECKPOINT_EVERY),
+            "{kind:?} resumes from its last checkpoint"
+        );
+        let steps: Vec<StepRecord> = std::fs::read_to_string(out.join("steps.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(steps.len(), s_full.len());
+        for (x, y) in steps.iter().zip(&s_full) {
+            assert_eq!(
+                (x.step, &x.chosen, &x.scores),
+                (y.step, &y.chosen, &y.scores),
+                "{kind:?}"
+            );
+            assert_eq!(x.loss, y.loss, "{kind:?} step {}", x.step);
+        }
+        let adapter = std::fs::read(out.join("adapter.safetensors")).unwrap();
+        assert_eq!(adapter, a_full, "{kind:?}: resumed adapter differs");
+    }
+}

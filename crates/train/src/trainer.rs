@@ -265,6 +265,23 @@ pub trait TrainHooks {
         Ok(())
     }
 
+    /// Called just before the loop writes a resumable checkpoint into `dir`
+    /// at position `step` (the number of optimizer steps taken). Callers
+    /// with state the loop does not know about (an online selector's
+    /// memory) save it here, named by `step`, so that a resume finds the
+    /// state of exactly the checkpoint it restores.
+    fn before_checkpoint(&mut self, step: u64, dir: &Path) -> Result<()> {
+        let _ = (step, dir);
+        Ok(())
+    }
+
+    /// Called once when the loop resumes from the checkpoint in `dir` at
+    /// position `step`, before any further step.
+    fn on_resume(&mut self, step: u64, dir: &Path) -> Result<()> {
+        let _ = (step, dir);
+        Ok(())
+    }
+
     /// Number of tokens in the given examples, if the caller wants tokens
     /// counted in the report (must be deterministic).
     fn tokens(&mut self, indices: &[usize]) -> Option<u64> {
@@ -700,6 +717,7 @@ pub fn train(
             completed = idx.completed;
             current = idx.current;
             resumed_from_step = Some(p.step);
+            hooks.on_resume(p.step, ckpt_dir)?;
         } else {
             tracing::info!(
                 dir = %ckpt_dir.display(),
@@ -809,6 +827,7 @@ pub fn train(
             let epoch_done = pos.batch_in_epoch == micro.len();
             if let Some(every) = cfg.checkpoint_every_steps {
                 if !epoch_done && pos.step % every == 0 {
+                    hooks.before_checkpoint(pos.step, ckpt_dir)?;
                     ck.write(&opt, pos, &completed, &current)?;
                 }
             }
@@ -829,6 +848,7 @@ pub fn train(
         ));
         pos.epoch += 1;
         pos.batch_in_epoch = 0;
+        hooks.before_checkpoint(pos.step, ckpt_dir)?;
         ck.write(&opt, pos, &completed, &current)?;
     }
     progress.finish();
