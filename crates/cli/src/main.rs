@@ -121,6 +121,9 @@ struct SelectArgs {
     /// ToV: validation fine-tune LR as a fraction of the base LR.
     #[arg(long, default_value_t = 0.1)]
     val_lr_ratio: f64,
+    /// ToV: epochs of the validation fine-tune (the paper: 1).
+    #[arg(long, default_value_t = 1)]
+    val_epochs: usize,
     /// ToV: per-token transform F: identity, abs or relu.
     #[arg(long, default_value = "identity")]
     transform: Transform,
@@ -401,7 +404,7 @@ fn select_request(a: SelectArgs) -> Result<SelectRequest> {
         },
         valtune: ValtuneConfig {
             lr_ratio: a.val_lr_ratio,
-            epochs: 1,
+            epochs: a.val_epochs,
         },
         seed: a.seed,
         out_dir: out.clone(),
