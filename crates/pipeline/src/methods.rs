@@ -46,11 +46,17 @@ pub enum Method {
 
 impl Method {
     /// All methods, in the order listed to users.
-    pub const ALL: [Method; 4] = [
+    pub const ALL: [Method; 10] = [
         Method::Tov,
         Method::TovB,
         Method::Random,
         Method::MaxUncertainty,
+        Method::MaxLoss,
+        Method::GradNorm,
+        Method::Bm25,
+        Method::Dsir,
+        Method::Rds,
+        Method::Less,
     ];
 
     /// The CLI name.
@@ -523,4 +529,33 @@ pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<Sele
         rows,
         extremes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_method_parses_from_its_name() {
+        // A method missing from `ALL` cannot be picked on the command line.
+        let every = [
+            Method::Tov,
+            Method::TovB,
+            Method::Random,
+            Method::MaxUncertainty,
+            Method::MaxLoss,
+            Method::GradNorm,
+            Method::Bm25,
+            Method::Dsir,
+            Method::Rds,
+            Method::Less,
+        ];
+        for m in every {
+            assert_eq!(m.name().parse::<Method>(), Ok(m));
+            let json = serde_json::to_value(m).unwrap();
+            assert_eq!(json.as_str(), Some(m.name()), "serde and CLI names agree");
+        }
+        assert_eq!(Method::ALL.len(), every.len());
+        assert!("lesss".parse::<Method>().is_err());
+    }
 }
