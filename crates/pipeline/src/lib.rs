@@ -153,6 +153,10 @@ impl Pipeline {
 
     /// Ingest a pool mixture (name in `pipelines/pools/` or a `.toml` path) into the canonical table.
     pub fn ingest_pool(&mut self, mixture: &str, opts: &SubsetOptions) -> Result<Artifact> {
+        // A mixture file is keyed (and read) by its absolute path, so a
+        // relative and an absolute spelling of one file share the artifact.
+        let canonical = canonical_file_arg(mixture);
+        let mixture = canonical.as_str();
         let fingerprint = dsel_ingest::mixture_fingerprint(mixture, &self.data_root)?;
         let spec = StageSpec::new(
             "ingest",
@@ -176,7 +180,10 @@ impl Pipeline {
     pub fn ingest_target(&mut self, target: &TargetSpec) -> Result<Artifact> {
         let (name, fingerprint) = match target {
             TargetSpec::Named(t) => (t.name().to_string(), String::new()),
-            TargetSpec::File(p) => (p.display().to_string(), model_fingerprint(p)?),
+            TargetSpec::File(p) => (
+                canonical_file_arg(&p.display().to_string()),
+                model_fingerprint(p)?,
+            ),
         };
         let spec = StageSpec::new(
             "ingest",
@@ -383,4 +390,17 @@ impl Pipeline {
             &ingest.path("examples.parquet"),
         )?)
     }
+}
+
+/// `arg` made absolute when it names an existing file (so relative and
+/// absolute spellings key the same artifact); unchanged otherwise (a named
+/// mixture such as `default`).
+pub fn canonical_file_arg(arg: &str) -> String {
+    let p = Path::new(arg);
+    if p.is_file() {
+        if let Ok(c) = p.canonicalize() {
+            return c.display().to_string();
+        }
+    }
+    arg.to_string()
 }
