@@ -142,6 +142,11 @@ struct SelectArgs {
     /// Sweep batch budget in tokens (batch size × padded length).
     #[arg(long, default_value_t = 4096)]
     batch_tokens: usize,
+    /// How examples longer than the max length are cut: right (LESS; an
+    /// example whose prompt fills the window is skipped) or keep-completion
+    /// (drop the prompt's start so the answer stays in the window).
+    #[arg(long, default_value = "right")]
+    truncation: dsel_tokenize::Truncation,
 }
 
 fn parse_rule(s: &str) -> Result<SelectionRule, String> {
@@ -409,6 +414,7 @@ fn select_request(a: SelectArgs) -> Result<SelectRequest> {
         seed: a.seed,
         out_dir: out.clone(),
         preset: a.preset,
+        truncation: a.truncation,
     };
     Ok(req)
 }

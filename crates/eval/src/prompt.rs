@@ -90,6 +90,7 @@ impl PromptEncoder {
         let cfg = TokenizeConfig {
             max_len,
             bos_id: self.bos_id,
+            truncation: Default::default(),
         };
         let enc = dsel_tokenize::encode(&self.tokenizer, &self.formatter, &ex, &cfg)
             .map_err(|s| anyhow!("encoding the completion: {} ({s:?})", s.reason()))?;

@@ -82,6 +82,7 @@ fn main() -> Result<()> {
         let tcfg = TokenizeConfig {
             max_len: len,
             bos_id,
+            truncation: Default::default(),
         };
         dsel_tokenize::tokenize_to_dir(&tok, &fmt, ex, &tcfg, &dir)?;
         TokenizedSet::open(&dir)

@@ -394,6 +394,7 @@ pub fn compare(
     out_dir: &Path,
 ) -> Result<CompareReport> {
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    p.truncation = base.truncation;
     p.load_model(&base.model)?;
     let pool_ing = p.ingest_pool(&base.pool, &base.subset)?;
     let pool_tok = p.tokenize(&pool_ing, base.values.max_len, "pool")?;

@@ -55,6 +55,8 @@ pub struct Pipeline {
     pub device: Device,
     /// Stages run so far, in order.
     pub records: Vec<StageRecord>,
+    /// How [`Pipeline::tokenize`] cuts sequences longer than its `max_len`.
+    pub truncation: dsel_tokenize::Truncation,
     model: Option<LoadedModel>,
 }
 
@@ -105,6 +107,7 @@ impl Pipeline {
             data_root: data_root.to_path_buf(),
             device: Device::Cpu,
             records: Vec::new(),
+            truncation: dsel_tokenize::Truncation::Right,
             model: None,
         })
     }
@@ -236,19 +239,24 @@ impl Pipeline {
             .tokenizer
             .clone()
             .with_context(|| format!("model {} has no tokenizer", m.path.display()))?;
-        let cfg = TokenizeConfig { max_len, bos_id };
+        let cfg = TokenizeConfig {
+            max_len,
+            bos_id,
+            truncation: self.truncation,
+        };
         let format_desc = match &format {
             ChatFormat::Template { template, .. } => {
                 json!({"template": blake3::hash(template.as_bytes()).to_hex().to_string()})
             }
             ChatFormat::Tulu { eos_token } => json!({"tulu": eos_token}),
         };
-        let spec = StageSpec::new(
-            "tokenize",
-            TOKENIZE_VERSION,
-            json!({"model": m.fingerprint, "max_len": max_len, "bos_id": bos_id, "format": format_desc}),
-        )
-        .input(examples.key().clone());
+        let mut config = json!({"model": m.fingerprint, "max_len": max_len, "bos_id": bos_id, "format": format_desc});
+        // Keyed only when not the default, so right-truncated artifacts keep their keys.
+        if cfg.truncation != dsel_tokenize::Truncation::Right {
+            config["truncation"] = serde_json::to_value(cfg.truncation)?;
+        }
+        let spec =
+            StageSpec::new("tokenize", TOKENIZE_VERSION, config).input(examples.key().clone());
         let ex_path = examples.path("examples.parquet");
         let o = self.store.get_or_build(&spec, |b| {
             let examples = dsel_ingest::read_examples_parquet(&ex_path)?;

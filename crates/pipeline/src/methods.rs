@@ -227,6 +227,8 @@ pub struct SelectRequest {
     pub out_dir: PathBuf,
     /// The preset (LESS takes its warmup and datastore settings from it).
     pub preset: Preset,
+    /// How pool and target examples longer than their max length are cut.
+    pub truncation: dsel_tokenize::Truncation,
 }
 
 /// A pool example shown in reports: its id, source, score and text.
@@ -312,6 +314,7 @@ pub fn extremes(
 pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<SelectOutcome> {
     let started = Instant::now();
     let target = TargetSpec::parse(&req.task)?;
+    p.truncation = req.truncation;
     p.load_model(&req.model)?;
     let pool_ing = p.ingest_pool(&req.pool, &req.subset)?;
     let pool_tok = p.tokenize(&pool_ing, req.values.max_len, "pool")?;

@@ -72,6 +72,7 @@ fn request(dir: &Path, task: &Path, method: Method, rounds: usize, out: &str) ->
         seed: 1,
         out_dir: dir.join(out),
         preset: Preset::Cpu,
+        truncation: Default::default(),
     }
 }
 
@@ -326,4 +327,53 @@ fn compare_trains_evaluates_and_reports_every_row_over_seeds() {
     let md = std::fs::read_to_string(out.join("table.md")).unwrap();
     assert!(md.contains(" ± "), "mean ± std with two seeds:\n{md}");
     assert!(tmp.path().join("toy-random-seed2/selection.jsonl").exists());
+}
+
+#[test]
+fn keep_completion_truncation_keeps_long_prompt_examples_and_has_its_own_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut p = Pipeline::new(&tmp.path().join("cache"), &data_root()).unwrap();
+    p.load_model(&data_root().join("models/stories260K/hf"))
+        .unwrap();
+    let pool = p
+        .ingest_pool(
+            &toy_mixture(tmp.path()),
+            &SubsetOptions {
+                limit: None,
+                per_source_cap: None,
+                seed: 0,
+            },
+        )
+        .unwrap();
+    // A window as long as the longest prompt: that example has no label
+    // left when cut from the right.
+    let full_art = p.tokenize(&pool, 4096, "pool").unwrap();
+    assert!(
+        full_art.manifest().config.get("truncation").is_none(),
+        "the default keeps the key it always had"
+    );
+    let full = dsel_tokenize::TokenizedSet::open(full_art.dir()).unwrap();
+    // A window as long as the (toy pool's equal) prompts: cut from the right,
+    // no example keeps a label.
+    let max_len = (0..full.len())
+        .map(|i| full.example(i).1.iter().position(|&l| l == 1).unwrap())
+        .max()
+        .unwrap();
+    let err = p.tokenize(&pool, max_len, "pool").unwrap_err();
+    assert!(
+        format!("{err:#}").contains("no_labels_after_truncation"),
+        "{err:#}"
+    );
+    p.truncation = dsel_tokenize::Truncation::KeepCompletion;
+    let keep = p.tokenize(&pool, max_len, "pool").unwrap();
+    assert_eq!(keep.manifest().config["truncation"], "keep-completion");
+    let k = dsel_tokenize::TokenizedSet::open(keep.dir()).unwrap();
+    assert_eq!(k.len(), full.len(), "every toy example keeps a completion");
+    for i in 0..k.len() {
+        let (ids, labels) = k.example(i);
+        let n_full = full.example(i).1.iter().filter(|&&l| l == 1).count();
+        let n = labels.iter().filter(|&&l| l == 1).count();
+        assert!(ids.len() <= max_len);
+        assert!(n >= n_full.min(max_len / 2) && n > 0, "{n} of {n_full}");
+    }
 }

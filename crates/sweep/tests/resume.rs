@@ -58,6 +58,7 @@ fn killed_sweep_resumes_to_identical_bytes() {
         &TokenizeConfig {
             max_len: 64,
             bos_id: Some(1),
+            truncation: Default::default(),
         },
         &set_dir,
     )

@@ -27,13 +27,44 @@ use tokenizers::Tokenizer;
 
 pub use format::{ChatFormat, FormatError, Formatter, Segment};
 
+/// How a sequence longer than `max_len` is cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Truncation {
+    /// Keep the first `max_len` tokens (LESS, open-instruct). An example
+    /// whose prompt fills the window has no label left and is skipped.
+    #[default]
+    Right,
+    /// When the prompt pushes the completion out of the window, drop tokens
+    /// from the prompt's start (after BOS) so the completion starts at
+    /// `max(max_len/2, max_len − completion length)`, then cut from the right:
+    /// every example keeps at least half a window of completion.
+    KeepCompletion,
+}
+
+impl std::str::FromStr for Truncation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "right" => Ok(Truncation::Right),
+            "keep-completion" => Ok(Truncation::KeepCompletion),
+            _ => Err(format!(
+                "unknown truncation {s:?} (expected right or keep-completion)"
+            )),
+        }
+    }
+}
+
 /// Options of the tokenization stage (part of its artifact key).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TokenizeConfig {
-    /// Maximum sequence length in tokens; longer sequences are cut from the right.
+    /// Maximum sequence length in tokens.
     pub max_len: usize,
     /// Token id prepended to every sequence (e.g. Llama's `<s>`), if any.
     pub bos_id: Option<u32>,
+    /// How longer sequences are cut.
+    #[serde(default)]
+    pub truncation: Truncation,
 }
 
 /// One tokenized example.
@@ -100,6 +131,21 @@ pub fn encode(
         return Err(Skip::NoLabels);
     }
     let truncated = ids.len() > cfg.max_len;
+    if truncated && cfg.truncation == Truncation::KeepCompletion {
+        let first_label = labels.iter().position(|&l| l == 1).unwrap_or(0);
+        let completion = ids.len() - first_label;
+        let start = (cfg.max_len / 2).max(cfg.max_len.saturating_sub(completion));
+        if first_label > start {
+            let keep_from = usize::from(cfg.bos_id.is_some());
+            let drop = first_label - start;
+            ids.drain(keep_from..keep_from + drop);
+            labels.drain(keep_from..keep_from + drop);
+            // The new first token is never predicted.
+            if let Some(first) = labels.first_mut() {
+                *first = 0;
+            }
+        }
+    }
     if truncated {
         ids.truncate(cfg.max_len);
         labels.truncate(cfg.max_len);

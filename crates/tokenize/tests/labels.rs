@@ -63,6 +63,7 @@ fn tulu_labels_decode_to_the_completion_with_stories260k() {
     let cfg = TokenizeConfig {
         max_len: 512,
         bos_id: Some(1),
+        truncation: Default::default(),
     };
     let e = ex(
         "a",
@@ -106,12 +107,41 @@ fn truncation_is_counted_and_label_free_examples_are_skipped() {
     let cfg = TokenizeConfig {
         max_len: 40,
         bos_id: Some(1),
+        truncation: Default::default(),
     };
     let long_prompt = ex("p", &[("user", "a very long prompt that does not fit at all in forty tokens, not even close, because it goes on and on"), ("assistant", "x")]);
     assert_eq!(
         encode(&tok, &fmt, &long_prompt, &cfg).unwrap_err(),
         Skip::NoLabelsAfterTruncation
     );
+    // Keeping the completion: the prompt loses its start instead, BOS stays,
+    // the answer is whole, and the example fills the window exactly.
+    let keep = TokenizeConfig {
+        truncation: dsel_tokenize::Truncation::KeepCompletion,
+        ..cfg.clone()
+    };
+    let kept = encode(&tok, &fmt, &long_prompt, &keep).unwrap();
+    assert!(kept.truncated);
+    assert_eq!(kept.ids.len(), 40);
+    assert_eq!(kept.ids[0], 1, "BOS kept");
+    let full = encode(
+        &tok,
+        &fmt,
+        &long_prompt,
+        &TokenizeConfig {
+            max_len: 4096,
+            ..cfg.clone()
+        },
+    )
+    .unwrap();
+    let n_labels = full.labels.iter().filter(|&&l| l == 1).count();
+    assert_eq!(kept.labels.iter().filter(|&&l| l == 1).count(), n_labels);
+    assert_eq!(
+        kept.ids[40 - n_labels..],
+        full.ids[full.ids.len() - n_labels..],
+        "the completion (and its end) is intact"
+    );
+    assert_eq!(kept.ids[1..], full.ids[full.ids.len() - 39..]);
     let no_answer = ex("n", &[("user", "hello")]);
     assert_eq!(
         encode(&tok, &fmt, &no_answer, &cfg).unwrap_err(),
@@ -182,6 +212,7 @@ fn chatml_labels_decode_exactly_with_the_smollm2_tokenizer() {
     let cfg = TokenizeConfig {
         max_len: 4096,
         bos_id: None,
+        truncation: Default::default(),
     };
     let e = ex(
         "c",
