@@ -133,6 +133,10 @@ struct SelectArgs {
     /// Number of equal-count length bins for the length-bias correction.
     #[arg(long, default_value_t = 10)]
     bins: usize,
+    /// ToV: length the bins are over: completion (label tokens, the T of the
+    /// per-token mean) or sequence (prompt + completion).
+    #[arg(long, default_value = "completion")]
+    bin_by: dsel_pipeline::methods::BinBy,
     /// Seed of every random choice (pool sample, U, shuffles, LoRA init, random picks).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -403,6 +407,7 @@ fn select_request(a: SelectArgs) -> Result<SelectRequest> {
         transform: a.transform,
         rule: a.rule,
         n_bins: a.bins,
+        bin_by: a.bin_by,
         sweep: SweepConfig {
             batch_tokens: a.batch_tokens,
             ..SweepConfig::default()

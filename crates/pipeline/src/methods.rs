@@ -92,6 +92,31 @@ impl std::str::FromStr for Method {
     }
 }
 
+/// Which length ToV's equal-count bins are drawn over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BinBy {
+    /// The completion (label tokens, `T` in φ = (1/T) Σ_t F(Δ_t)): the length
+    /// the per-token mean is taken over, so the length the bias is in.
+    #[default]
+    Completion,
+    /// The whole sequence (prompt + completion).
+    Sequence,
+}
+
+impl std::str::FromStr for BinBy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "completion" => Ok(BinBy::Completion),
+            "sequence" => Ok(BinBy::Sequence),
+            _ => Err(format!(
+                "unknown bin length {s:?} (expected completion or sequence)"
+            )),
+        }
+    }
+}
+
 /// How the ToV selection spends the budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -217,6 +242,8 @@ pub struct SelectRequest {
     pub rule: SelectionRule,
     /// Number of equal-count length bins.
     pub n_bins: usize,
+    /// Which length the bins are over.
+    pub bin_by: BinBy,
     /// Sweep batching.
     pub sweep: SweepConfig,
     /// Validation fine-tune options.
@@ -361,16 +388,26 @@ pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<Sele
             };
             let s = tov::score(p, &pool_tok, &target_tok, &cfg, &req.sweep)?;
             let scored: Vec<usize> = (0..n).filter(|i| s.u.binary_search(i).is_err()).collect();
+            let bin_lengths: Vec<u32> = match req.bin_by {
+                BinBy::Completion => pool_set.index.iter().map(|r| r.n_labels).collect(),
+                BinBy::Sequence => lengths.clone(),
+            };
             let order = match req.rule {
                 SelectionRule::ScoreRandom => dsel_select::score_plus_random(
-                    &s.scores, &lengths, &scored, &s.u, n_select, req.n_bins, req.seed,
+                    &s.scores,
+                    &bin_lengths,
+                    &scored,
+                    &s.u,
+                    n_select,
+                    req.n_bins,
+                    req.seed,
                 ),
                 SelectionRule::ScoreOnly => {
-                    dsel_select::binned_top(&s.scores, &lengths, &scored, n_select, req.n_bins)
+                    dsel_select::binned_top(&s.scores, &bin_lengths, &scored, n_select, req.n_bins)
                 }
             };
             round_scores = s.rounds;
-            let config = serde_json::json!({"tov": cfg, "rule": req.rule, "n_bins": req.n_bins, "sweep": req.sweep,
+            let config = serde_json::json!({"tov": cfg, "rule": req.rule, "n_bins": req.n_bins, "bin_by": req.bin_by, "sweep": req.sweep,
                                             "max_len": req.values.max_len});
             (s.scores, order, config)
         }
@@ -560,5 +597,16 @@ mod tests {
         }
         assert_eq!(Method::ALL.len(), every.len());
         assert!("lesss".parse::<Method>().is_err());
+    }
+
+    #[test]
+    fn bins_default_to_the_completion_length() {
+        assert_eq!(BinBy::default(), BinBy::Completion);
+        assert_eq!("sequence".parse::<BinBy>(), Ok(BinBy::Sequence));
+        assert_eq!(
+            serde_json::to_value(BinBy::Completion).unwrap(),
+            "completion"
+        );
+        assert!("tokens".parse::<BinBy>().is_err());
     }
 }

@@ -60,6 +60,7 @@ fn request(dir: &Path, task: &Path, method: Method, rounds: usize, out: &str) ->
         transform: Transform::Identity,
         rule: SelectionRule::ScoreOnly,
         n_bins: 1,
+        bin_by: Default::default(),
         sweep: SweepConfig {
             shard_examples: 16,
             batch_tokens: 1024,
