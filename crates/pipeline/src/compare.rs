@@ -225,6 +225,7 @@ fn run_dir(out_dir: &Path, name: &str, seed_index: usize, seed: u64) -> PathBuf 
 }
 
 /// One static row (a method, or the whole pool when `full_pool`) over its seeds.
+#[allow(clippy::too_many_arguments)]
 fn static_row(
     p: &mut Pipeline,
     base: &SelectRequest,

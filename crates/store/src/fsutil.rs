@@ -252,6 +252,21 @@ pub(crate) fn remove_path(path: &Path) -> Result<()> {
     }
 }
 
+/// CPU time (user + system) this process has used so far, in seconds, over
+/// all its threads; 0 where the platform does not report it.
+pub fn process_cpu_seconds() -> f64 {
+    #[cfg(unix)]
+    {
+        // SAFETY: getrusage only writes into the zero-initialised struct we pass.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } == 0 {
+            let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+            return secs(u.ru_utime) + secs(u.ru_stime);
+        }
+    }
+    0.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,19 +289,4 @@ mod tests {
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().flatten().collect();
         assert_eq!(names.len(), 1);
     }
-}
-
-/// CPU time (user + system) this process has used so far, in seconds, over
-/// all its threads; 0 where the platform does not report it.
-pub fn process_cpu_seconds() -> f64 {
-    #[cfg(unix)]
-    {
-        // SAFETY: getrusage only writes into the zero-initialised struct we pass.
-        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } == 0 {
-            let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
-            return secs(u.ru_utime) + secs(u.ru_stime);
-        }
-    }
-    0.0
 }
