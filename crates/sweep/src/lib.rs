@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use dsel_model::{Batch, Mode, Model};
+use dsel_model::{Batch, Model};
 use dsel_store::{NpyArray, NpyWriter};
 use dsel_tokenize::TokenizedSet;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -108,7 +108,9 @@ fn sweep_shard(
     for batch_idx in plan_batches(&lengths, &order, cfg) {
         let seqs: Vec<(&[u32], &[u8])> = batch_idx.iter().map(|&i| set.example(i)).collect();
         let batch = Batch::new(&seqs, model.device())?;
-        let lp = model.token_logprobs(&batch, Mode::Eval)?.to_vec2::<f32>()?;
+        // No autograd graph: an adapter's LoRA weights are Vars, and tracking
+        // them would keep every intermediate alive (same values either way).
+        let lp = model.token_logprobs_inference(&batch)?.to_vec2::<f32>()?;
         for (row, &i) in batch_idx.iter().enumerate() {
             let (ids, mask) = set.example(i);
             let start = offsets[i] as usize - base;
