@@ -674,11 +674,7 @@ fn run() -> Result<()> {
             let pool_ing =
                 p.ingest_pool(&a.pool.pool, &subset(&a.pool, values.pool_limit, a.seed))?;
             let pool_tok = p.tokenize(&pool_ing, a.max_len.unwrap_or(values.max_len), "pool")?;
-            let mut cfg = match a.preset {
-                Preset::Cpu => dsel_pipeline::less::LessConfig::cpu(),
-                Preset::Paper => dsel_pipeline::less::LessConfig::paper(),
-            };
-            cfg.seed = a.seed;
+            let cfg = a.preset.less(a.seed);
             let o = dsel_pipeline::less::datastore_shard(&mut p, &pool_tok, &cfg, shard)?;
             match o.report {
                 None => println!(

@@ -248,20 +248,14 @@ fn static_row(
         let mut req = base.clone();
         req.method = method;
         req.seed = seed;
-        req.subset.seed = base.subset.seed;
         if full_pool {
             req.budget = Budget::Fraction(1.0);
         }
         req.out_dir = run_dir(out_dir, name, s, seed);
         p.records.clear();
         let outcome = methods::select_with_details(p, &req)?;
-        let selection_keys: Vec<String> = outcome
-            .summary
-            .stages
-            .iter()
-            .map(|r| r.key.clone())
-            .collect();
-        let (compute, cpu, bytes) = artifact_costs(p, selection_keys.iter().map(|k| k.as_str()));
+        let (compute, cpu, bytes) =
+            artifact_costs(p, outcome.summary.stages.iter().map(|r| r.key.as_str()));
         let adapter =
             evaluate::train_on_selection(p, &req.out_dir.join("selection.jsonl"), train, seed)?;
         let train_seconds = adapter.manifest().build_seconds;

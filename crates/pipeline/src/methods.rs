@@ -138,6 +138,20 @@ pub enum Preset {
     Paper,
 }
 
+impl Preset {
+    /// The preset's LESS settings with `seed` (the warmup subset's). `select
+    /// --method less` and `less-shard` both take them from here, so shard
+    /// workers compute the datastore `select` looks up.
+    pub fn less(self, seed: u64) -> crate::less::LessConfig {
+        let mut cfg = match self {
+            Preset::Cpu => crate::less::LessConfig::cpu(),
+            Preset::Paper => crate::less::LessConfig::paper(),
+        };
+        cfg.seed = seed;
+        cfg
+    }
+}
+
 impl std::str::FromStr for Preset {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -388,14 +402,18 @@ pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<Sele
             };
             let s = tov::score(p, &pool_tok, &target_tok, &cfg, &req.sweep)?;
             let scored: Vec<usize> = (0..n).filter(|i| s.u.binary_search(i).is_err()).collect();
-            let bin_lengths: Vec<u32> = match req.bin_by {
-                BinBy::Completion => pool_set.index.iter().map(|r| r.n_labels).collect(),
-                BinBy::Sequence => lengths.clone(),
+            let completion_lengths: Vec<u32>;
+            let bin_lengths: &[u32] = match req.bin_by {
+                BinBy::Completion => {
+                    completion_lengths = pool_set.index.iter().map(|r| r.n_labels).collect();
+                    &completion_lengths
+                }
+                BinBy::Sequence => &lengths,
             };
             let order = match req.rule {
                 SelectionRule::ScoreRandom => dsel_select::score_plus_random(
                     &s.scores,
-                    &bin_lengths,
+                    bin_lengths,
                     &scored,
                     &s.u,
                     n_select,
@@ -403,7 +421,7 @@ pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<Sele
                     req.seed,
                 ),
                 SelectionRule::ScoreOnly => {
-                    dsel_select::binned_top(&s.scores, &bin_lengths, &scored, n_select, req.n_bins)
+                    dsel_select::binned_top(&s.scores, bin_lengths, &scored, n_select, req.n_bins)
                 }
             };
             round_scores = s.rounds;
@@ -484,11 +502,7 @@ pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<Sele
         Method::Less => {
             let target_ing = p.ingest_target(&target)?;
             let target_tok = p.tokenize(&target_ing, req.values.target_max_len, "target")?;
-            let mut cfg = match req.preset {
-                Preset::Cpu => crate::less::LessConfig::cpu(),
-                Preset::Paper => crate::less::LessConfig::paper(),
-            };
-            cfg.seed = req.seed;
+            let cfg = req.preset.less(req.seed);
             let s = crate::less::score(p, &pool_tok, &target_tok, &cfg)?;
             let order = dsel_select::top_n(&s.scores, &all, n_select);
             (
