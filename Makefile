@@ -60,7 +60,7 @@ source-share: setup
 
 ## test: the whole test suite (fetches the default model for the end-to-end model checks)
 test: model
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace --no-fail-fast
 
 ## bench: throughput benchmarks (heavy; not part of the tests)
 bench: setup
