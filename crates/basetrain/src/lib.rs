@@ -10,6 +10,13 @@
 //!
 //! The loss of a micro-batch is the mean over its examples of each example's
 //! completion-only mean loss.
+//!
+//! Learning rate: the configured schedule. Base-train and the LESS warmup keep
+//! Hugging Face's linear schedule with 3% warmup on purpose (the reference
+//! runs use it): its first optimizer step has rate 0, so that step moves no
+//! weight, but its gradients still enter AdamW's moments, which the later
+//! steps (and LESS's preconditioning) use. ToV's validation fine-tune uses a
+//! constant rate instead (see `dsel-valtune`).
 
 use std::path::Path;
 use std::time::Instant;
@@ -52,6 +59,22 @@ pub struct FinetuneReport {
     pub seconds: f64,
     /// Tokens processed per second in this call.
     pub tokens_per_second: f64,
+    /// Every micro-batch this call trained on, in order: its optimizer step,
+    /// learning rate and the set rows it held (a resumed call lists only the
+    /// micro-batches after the checkpoint it resumed from).
+    #[serde(default)]
+    pub micro_batches: Vec<MicroBatchRecord>,
+}
+
+/// One trained micro-batch (see [`FinetuneReport::micro_batches`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MicroBatchRecord {
+    /// 0-based optimizer step the micro-batch belongs to.
+    pub step: u64,
+    /// Learning rate of that step.
+    pub lr: f64,
+    /// Rows of the tokenized set in the micro-batch.
+    pub rows: Vec<usize>,
 }
 
 struct Hooks<'a> {
@@ -144,7 +167,13 @@ pub fn finetune(
     let tokens_per_epoch: u64 = indices.iter().map(|&i| set.example(i).0.len() as u64).sum();
     let device = model.device().clone();
     let model_ref: &Model = model;
+    let mut micro_batches: Vec<MicroBatchRecord> = Vec::new();
     let mut loss_fn = |batch_idx: &[usize], ctx: &StepContext| -> Result<Tensor> {
+        micro_batches.push(MicroBatchRecord {
+            step: ctx.step,
+            lr: ctx.lr,
+            rows: batch_idx.iter().map(|&j| indices[j]).collect(),
+        });
         let seqs: Vec<(&[u32], &[u8])> =
             batch_idx.iter().map(|&j| set.example(indices[j])).collect();
         let batch = Batch::new(&seqs, &device)?;
@@ -182,6 +211,7 @@ pub fn finetune(
         tokens_per_epoch,
         seconds,
         tokens_per_second: trained_tokens as f64 / seconds.max(1e-9),
+        micro_batches,
     };
     dsel_store::atomic_write(out.join("train.json"), serde_json::to_vec_pretty(&report)?)?;
     Ok(report)

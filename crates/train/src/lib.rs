@@ -28,6 +28,6 @@ pub use adamw::{
 pub use error::TrainError;
 pub use schedule::{batches, dropout_seed, epoch_order, LinearSchedule};
 pub use trainer::{
-    plan, train, EpochSummary, NoHooks, StepContext, TrainConfig, TrainHooks, TrainPlan,
+    plan, train, EpochSummary, LrShape, NoHooks, StepContext, TrainConfig, TrainHooks, TrainPlan,
     TrainReport, CHECKPOINT_FILE, CHECKPOINT_FORMAT,
 };

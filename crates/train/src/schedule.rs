@@ -30,6 +30,11 @@ pub struct LinearSchedule {
     pub total_steps: u64,
     /// Number of warmup steps `W`.
     pub warmup_steps: u64,
+    /// Constant rate: every step at `peak_lr` (no warmup, no decay). ToV's
+    /// validation fine-tune uses it so every validation example is applied at
+    /// the intended rate.
+    #[serde(default)]
+    pub constant: bool,
 }
 
 impl LinearSchedule {
@@ -47,12 +52,25 @@ impl LinearSchedule {
             peak_lr,
             total_steps,
             warmup_steps,
+            constant: false,
+        }
+    }
+
+    /// A constant schedule: every one of the `total_steps` steps at `lr`.
+    pub fn constant(lr: f64, total_steps: u64) -> Self {
+        LinearSchedule {
+            peak_lr: lr,
+            total_steps,
+            warmup_steps: 0,
+            constant: true,
         }
     }
 
     /// The multiplier of the peak rate at 0-based optimizer step `step` (HF's lambda).
     pub fn factor(&self, step: u64) -> f64 {
-        if step < self.warmup_steps {
+        if self.constant {
+            1.0
+        } else if step < self.warmup_steps {
             step as f64 / self.warmup_steps.max(1) as f64
         } else {
             // (T − s) may be negative past the end: computed in f64 like Python ints.

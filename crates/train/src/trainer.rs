@@ -90,6 +90,31 @@ pub struct TrainConfig {
     pub checkpoint_every_steps: Option<u64>,
     /// AdamW hyper-parameters.
     pub adam: AdamWConfig,
+    /// Shape of the learning-rate schedule: linear warmup + decay (HF's,
+    /// the default) or constant. Omitted from the serialized config when
+    /// linear, so keys of runs that predate the field are unchanged.
+    #[serde(default, skip_serializing_if = "LrShape::is_linear")]
+    pub schedule: LrShape,
+}
+
+/// The shape of a run's learning-rate schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrShape {
+    /// Linear warmup over `ceil(warmup_ratio · total)` steps (the first at
+    /// rate 0, as in HF's `get_linear_schedule_with_warmup`), then linear
+    /// decay to 0.
+    #[default]
+    Linear,
+    /// Every step at the peak rate; `warmup_ratio` must be 0.
+    Constant,
+}
+
+impl LrShape {
+    /// True for [`LrShape::Linear`].
+    pub fn is_linear(&self) -> bool {
+        *self == LrShape::Linear
+    }
 }
 
 impl Default for TrainConfig {
@@ -105,6 +130,7 @@ impl Default for TrainConfig {
             max_grad_norm: None,
             checkpoint_every_steps: None,
             adam: AdamWConfig::default(),
+            schedule: LrShape::Linear,
         }
     }
 }
@@ -122,6 +148,15 @@ impl TrainConfig {
             return bad(
                 "warmup_ratio",
                 format!("must be in [0, 1], got {}", self.warmup_ratio),
+            );
+        }
+        if self.schedule == LrShape::Constant && self.warmup_ratio != 0.0 {
+            return bad(
+                "warmup_ratio",
+                format!(
+                    "must be 0 with a constant schedule, got {}",
+                    self.warmup_ratio
+                ),
             );
         }
         if self.micro_batch == 0 {
@@ -167,7 +202,10 @@ pub fn plan(n_examples: usize, cfg: &TrainConfig) -> Result<(TrainPlan, LinearSc
     let micro = n_examples.div_ceil(cfg.micro_batch);
     let steps_per_epoch = micro.div_ceil(cfg.grad_accum) as u64;
     let total_steps = steps_per_epoch * cfg.epochs as u64;
-    let schedule = LinearSchedule::from_ratio(cfg.lr, total_steps, cfg.warmup_ratio);
+    let schedule = match cfg.schedule {
+        LrShape::Linear => LinearSchedule::from_ratio(cfg.lr, total_steps, cfg.warmup_ratio),
+        LrShape::Constant => LinearSchedule::constant(cfg.lr, total_steps),
+    };
     Ok((
         TrainPlan {
             micro_batches_per_epoch: micro,

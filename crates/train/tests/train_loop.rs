@@ -137,6 +137,7 @@ fn cfg(micro_batch: usize, grad_accum: usize, ckpt_every: Option<u64>) -> TrainC
         max_grad_norm: Some(5.0),
         checkpoint_every_steps: ckpt_every,
         adam: Default::default(),
+        schedule: Default::default(),
     }
 }
 

@@ -1,0 +1,84 @@
+//! `dsel-testkit`: what the workspace's tests share — where the real data is,
+//! the tiny real model (stories260K, llama2.c's 260K-parameter Llama), and toy
+//! tokenized sets built with that model's tokenizer. Test-only: no stage
+//! depends on it.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use dsel_ingest::{Example, Message};
+use dsel_model::{Model, RawModel};
+use dsel_tokenize::{tokenize_to_dir, ChatFormat, Formatter, TokenizeConfig, TokenizedSet};
+
+/// The shared data root: `DSEL_DATA_ROOT`, else `../shared/data` beside the
+/// workspace.
+pub fn data_root() -> PathBuf {
+    std::env::var_os("DSEL_DATA_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data"))
+        })
+}
+
+/// The Hugging Face folder of stories260K.
+pub fn stories_dir() -> PathBuf {
+    data_root().join("models/stories260K/hf")
+}
+
+/// stories260K loaded on the CPU, as raw weights and as a model.
+pub fn stories() -> (RawModel, Model) {
+    let raw = dsel_model::load(&stories_dir(), &Device::Cpu).expect("loading stories260K");
+    let model = Model::new(&raw).expect("building stories260K");
+    (raw, model)
+}
+
+/// `n` short story-like conversations; example `i`'s answer has `1 + i % 5`
+/// words (so lengths differ) and its id is `e{i}`.
+pub fn toy_examples(n: usize, tag: &str) -> Vec<Example> {
+    let words = ["cat", "dog", "ball", "tree", "sun", "park", "cake"];
+    (0..n)
+        .map(|i| Example {
+            id: format!("{tag}{i}"),
+            source: tag.to_string(),
+            subtask: String::new(),
+            messages: vec![
+                Message {
+                    role: "user".into(),
+                    content: format!("Tell story {i} about {}", words[i % words.len()]),
+                },
+                Message {
+                    role: "assistant".into(),
+                    content: (0..=(i % 5))
+                        .map(|j| words[(i + j) % words.len()])
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                },
+            ],
+            references: vec![],
+        })
+        .collect()
+}
+
+/// Tokenize `examples` with `raw`'s tokenizer in the tulu format (stories260K
+/// has no chat template) into `dir` and open the set.
+pub fn tokenized(raw: &RawModel, examples: &[Example], max_len: usize, dir: &Path) -> TokenizedSet {
+    std::fs::create_dir_all(dir).expect("creating the set folder");
+    let fmt = Formatter::new(ChatFormat::Tulu {
+        eos_token: "</s>".into(),
+    })
+    .expect("tulu format");
+    let tok = raw.tokenizer.clone().expect("stories260K has a tokenizer");
+    tokenize_to_dir(
+        &tok,
+        &fmt,
+        examples,
+        &TokenizeConfig {
+            max_len,
+            bos_id: Some(1),
+            truncation: Default::default(),
+        },
+        dir,
+    )
+    .expect("tokenizing");
+    TokenizedSet::open(dir).expect("opening the set")
+}
