@@ -112,17 +112,17 @@ struct SelectArgs {
     /// ToV: number of rounds L. Default: the preset's.
     #[arg(long)]
     rounds: Option<usize>,
-    /// ToV: base learning rate. Default: the preset's.
-    #[arg(long)]
+    /// ToV: base learning rate (> 0). Default: the preset's.
+    #[arg(long, value_parser = positive_f64)]
     lr: Option<f64>,
     /// ToV: LoRA rank. Default: the preset's.
     #[arg(long)]
     lora_rank: Option<usize>,
     /// ToV: validation fine-tune LR as a fraction of the base LR.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = positive_f64)]
     val_lr_ratio: f64,
     /// ToV: epochs of the validation fine-tune (the paper: 1).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     val_epochs: usize,
     /// ToV: per-token transform F: identity, abs or relu.
     #[arg(long, default_value = "identity")]
@@ -131,7 +131,7 @@ struct SelectArgs {
     #[arg(long, default_value = "score-random", value_parser = parse_rule)]
     rule: SelectionRule,
     /// Number of equal-count length bins for the length-bias correction.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = at_least_one)]
     bins: usize,
     /// ToV: length the bins are over: completion (label tokens, the T of the
     /// per-token mean) or sequence (prompt + completion).
@@ -151,6 +151,38 @@ struct SelectArgs {
     /// (drop the prompt's start so the answer stays in the window).
     #[arg(long, default_value = "right")]
     truncation: dsel_tokenize::Truncation,
+    /// ToV: score by Δ − Δ_ctl, where Δ_ctl is the loss change of the same
+    /// short fine-tune on a random pool sample the size of the target (a
+    /// target-independent control that removes the shift every short
+    /// fine-tune gives every example; doubles the validation sweeps).
+    #[arg(long)]
+    tov_control: bool,
+}
+
+/// A finite number > 0 (a learning rate or ratio of 0 makes every ToV score 0).
+fn positive_f64(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number"))?;
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("must be a positive number, got {s}"))
+    }
+}
+
+/// A whole number ≥ 1.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    let v: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number"))?;
+    if v >= 1 {
+        Ok(v)
+    } else {
+        Err("must be at least 1, got 0".into())
+    }
 }
 
 fn parse_rule(s: &str) -> Result<SelectionRule, String> {
@@ -420,6 +452,7 @@ fn select_request(a: SelectArgs) -> Result<SelectRequest> {
         out_dir: out.clone(),
         preset: a.preset,
         truncation: a.truncation,
+        control: a.tov_control,
     };
     Ok(req)
 }

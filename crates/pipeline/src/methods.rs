@@ -9,6 +9,7 @@ use dsel_basetrain::FinetuneConfig;
 use dsel_ingest::{SubsetOptions, TargetSpec};
 use dsel_model::LoraConfig;
 use dsel_select::{output, Budget, RunSummary, ScoreRow, Transform};
+use dsel_store::Artifact;
 use dsel_sweep::{SweepConfig, SweepResult};
 use dsel_tokenize::TokenizedSet;
 use dsel_train::{AdamWConfig, TrainConfig};
@@ -22,9 +23,9 @@ use crate::Pipeline;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
-    /// ToV Method A (interleaved).
+    /// ToV Method A (the paper's main method; base chain never sees the target, shared across targets).
     Tov,
-    /// ToV Method B (parallel; base chain shared across targets).
+    /// ToV Method B (θ_val fed back into the base chain each round).
     TovB,
     /// Uniform random sample of the pool.
     Random,
@@ -270,6 +271,98 @@ pub struct SelectRequest {
     pub preset: Preset,
     /// How pool and target examples longer than their max length are cut.
     pub truncation: dsel_tokenize::Truncation,
+    /// ToV: control-corrected scores ([`crate::tov::TovConfig::control`]).
+    pub control: bool,
+}
+
+impl SelectRequest {
+    /// Rejects options that would make every score 0 or select nothing
+    /// useful, naming the command-line option.
+    pub fn validate(&self) -> Result<()> {
+        let tov = matches!(self.method, Method::Tov | Method::TovB);
+        if tov {
+            anyhow::ensure!(
+                self.valtune.epochs >= 1,
+                "--val-epochs must be at least 1: 0 epochs leaves θ_val = θ_bas and every ToV score 0"
+            );
+            anyhow::ensure!(
+                self.valtune.lr_ratio.is_finite() && self.valtune.lr_ratio > 0.0,
+                "--val-lr-ratio must be positive, got {}: the validation fine-tune would not move and every ToV score would be 0",
+                self.valtune.lr_ratio
+            );
+            anyhow::ensure!(
+                self.values.rounds >= 1,
+                "--rounds must be at least 1, got 0"
+            );
+        }
+        anyhow::ensure!(
+            self.values.lr.is_finite() && self.values.lr > 0.0,
+            "--lr must be positive, got {}: fine-tuning at rate 0 leaves the model unchanged (every ToV score 0)",
+            self.values.lr
+        );
+        anyhow::ensure!(
+            self.n_bins >= 1,
+            "--bins must be at least 1, got 0 (1 = no length binning)"
+        );
+        anyhow::ensure!(
+            self.values.max_len >= 2 && self.values.target_max_len >= 2,
+            "--max-len and --target-max-len must be at least 2 tokens"
+        );
+        Ok(())
+    }
+}
+
+/// Ingest and tokenize the target; a target with no usable example is an
+/// error naming the file and why each example was skipped.
+fn target_tokens(
+    p: &mut Pipeline,
+    task: &str,
+    target: &TargetSpec,
+    max_len: usize,
+) -> Result<(Artifact, Artifact)> {
+    let where_ = match target {
+        TargetSpec::Named(t) => format!(
+            "target {} (validation files under {})",
+            t.name(),
+            p.data_root.join("tasks").join(t.name()).display()
+        ),
+        TargetSpec::File(f) => format!("target file {}", f.display()),
+    };
+    let ing = p
+        .ingest_target(target)
+        .with_context(|| format!("{where_}: reading the target examples"))?;
+    let report: dsel_ingest::IngestReport =
+        serde_json::from_value(ing.manifest().info.clone()).unwrap_or_default();
+    let skips = report
+        .skipped_by_reason
+        .iter()
+        .map(|(reason, n)| format!("{n} {reason}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if report.kept == 0 {
+        anyhow::bail!(
+            "{where_} ({task}) has no usable example: {} records read, all skipped at ingest ({})",
+            report.read,
+            if skips.is_empty() {
+                "no records"
+            } else {
+                &skips
+            }
+        );
+    }
+    let tok = p.tokenize(&ing, max_len, "target").with_context(|| {
+        format!(
+            "{where_} ({task}) has no usable example ({} of {} records kept at ingest{})",
+            report.kept,
+            report.read,
+            if skips.is_empty() {
+                String::new()
+            } else {
+                format!("; skipped {skips}")
+            }
+        )
+    })?;
+    Ok((ing, tok))
 }
 
 /// A pool example shown in reports: its id, source, score and text.
@@ -354,6 +447,7 @@ pub fn extremes(
 /// per source family.
 pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<SelectOutcome> {
     let started = Instant::now();
+    req.validate()?;
     let target = TargetSpec::parse(&req.task)?;
     p.truncation = req.truncation;
     p.load_model(&req.model)?;
@@ -362,14 +456,15 @@ pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<Sele
     let pool_set = TokenizedSet::open(pool_tok.dir())?;
     let n = pool_set.len();
     let n_select = req.budget.resolve(n);
+    // Every method checks the target first: one with no usable example fails
+    // here, naming the file and the skip counts, whatever the method.
+    let (target_ing, target_tok) = target_tokens(p, &req.task, &target, req.values.target_max_len)?;
     let lengths: Vec<u32> = pool_set.index.iter().map(|r| r.n_tokens).collect();
     let all: Vec<usize> = (0..n).collect();
 
     let mut round_scores: Vec<Vec<f64>> = Vec::new();
     let (scores, order, config) = match req.method {
         Method::Tov | Method::TovB => {
-            let target_ing = p.ingest_target(&target)?;
-            let target_tok = p.tokenize(&target_ing, req.values.target_max_len, "target")?;
             let v = &req.values;
             let cfg = TovConfig {
                 variant: if req.method == Method::Tov {
@@ -392,6 +487,7 @@ pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<Sele
                         max_grad_norm: Some(1.0),
                         checkpoint_every_steps: Some(8),
                         adam: AdamWConfig::default(),
+                        schedule: Default::default(),
                     },
                     save_epochs: false,
                     group_by_length: req.preset == Preset::Cpu,
@@ -399,6 +495,7 @@ pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<Sele
                 valtune: req.valtune.clone(),
                 transform: req.transform,
                 seed: req.seed,
+                control: req.control,
             };
             let s = tov::score(p, &pool_tok, &target_tok, &cfg, &req.sweep)?;
             let scored: Vec<usize> = (0..n).filter(|i| s.u.binary_search(i).is_err()).collect();
@@ -476,8 +573,14 @@ pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<Sele
         }
         Method::Bm25 | Method::Dsir => {
             let pool_examples = p.examples(&pool_ing)?;
-            let target_ing = p.ingest_target(&target)?;
-            let target_examples = p.examples(&target_ing)?;
+            // Only the target examples that survived tokenization (those with a completion).
+            let target_set = TokenizedSet::open(target_tok.dir())?;
+            let all_targets = p.examples(&target_ing)?;
+            let target_examples: Vec<dsel_ingest::Example> = target_set
+                .index
+                .iter()
+                .map(|r| all_targets[r.row as usize].clone())
+                .collect();
             let docs: Vec<String> = pool_set
                 .index
                 .iter()
@@ -500,8 +603,6 @@ pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<Sele
             }
         }
         Method::Less => {
-            let target_ing = p.ingest_target(&target)?;
-            let target_tok = p.tokenize(&target_ing, req.values.target_max_len, "target")?;
             let cfg = req.preset.less(req.seed);
             let s = crate::less::score(p, &pool_tok, &target_tok, &cfg)?;
             let order = dsel_select::top_n(&s.scores, &all, n_select);
@@ -512,8 +613,6 @@ pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<Sele
             )
         }
         Method::Rds => {
-            let target_ing = p.ingest_target(&target)?;
-            let target_tok = p.tokenize(&target_ing, req.values.target_max_len, "target")?;
             let s = crate::baselines::rds_scores(p, &pool_tok, &target_tok, &req.sweep)?;
             let order = dsel_select::top_n(&s, &all, n_select);
             (s, order, serde_json::json!({"max_len": req.values.max_len}))
@@ -555,13 +654,29 @@ pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<Sele
         &selected,
         &selected_scores,
     )?;
+    let requested = req.budget.requested(n);
+    if order.len() < requested {
+        tracing::warn!(
+            "budget {} asks for {requested} examples but {} selected {} of {n} pool examples \
+             (the pool{} holds no more); summary.json records both",
+            req.budget,
+            req.method.name(),
+            order.len(),
+            if matches!(req.method, Method::Tov | Method::TovB) {
+                ", or the candidates outside U plus U's random half,"
+            } else {
+                ""
+            }
+        );
+    }
     let summary = RunSummary {
         task: req.task.clone(),
         method: req.method.name().to_string(),
         model: req.model.display().to_string(),
         pool: req.pool.clone(),
         pool_size: n,
-        budget: format!("{:?}", req.budget),
+        budget: req.budget.to_string(),
+        requested,
         selected: order.len(),
         selected_by_source: output::count_by_source(
             order.iter().map(|&i| pool_set.index[i].source.as_str()),

@@ -1,12 +1,12 @@
-//! ToV (Train on Validation), Methods A (interleaved) and B (parallel), as in
-//! ALGORITHMS.md.
+//! ToV (Train on Validation), Methods A and B, as in ALGORITHMS.md.
 //!
 //! Round k trains θ_bas on the subset U for one epoch from θ, then θ_val from
 //! θ_bas on the target's validation examples at a fraction of the LR, sweeps
 //! the pool under both, and adds `φ_k(x) = mean_t F(Δ_t)` for every x ∉ U.
-//! Method A continues from θ_val, Method B from θ_bas — so in Method B the
-//! base chain and its sweeps never see the target and are shared (same
-//! artifact keys) by every target.
+//! Method A (the paper's main method) continues the base chain from θ_bas,
+//! so the base chain and its sweeps never see the target and are shared
+//! (same artifact keys) by every target; Method B feeds θ_val back
+//! (θ ← θ_val), so every round after the first depends on the target.
 
 use anyhow::Result;
 use dsel_basetrain::FinetuneConfig;
@@ -25,9 +25,11 @@ use crate::Pipeline;
 /// Which way the base trajectory continues after each round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TovVariant {
-    /// Method A (interleaved, the paper's main method): θ ← θ_val.
+    /// Method A (the paper's main method): θ ← θ_bas; base checkpoints and
+    /// sweeps are target independent.
     A,
-    /// Method B (parallel): θ ← θ_bas; base checkpoints and sweeps are target independent.
+    /// Method B (the paper's variant for the analysis): θ ← θ_val, the
+    /// validation step is fed back into the base chain.
     B,
 }
 
@@ -48,6 +50,41 @@ pub struct TovConfig {
     pub transform: Transform,
     /// Seed of U.
     pub seed: u64,
+    /// Control-corrected scores: also fine-tune θ_bas the same way on a
+    /// seeded random sample of the pool the size of the target (θ_ctl, a
+    /// target-independent artifact but for the sample's size) and score by
+    /// `φ(θ_bas → θ_val) − φ(θ_bas → θ_ctl)`, which removes the shift any
+    /// short fine-tune gives every example (see [`control_sample`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub control: bool,
+}
+
+/// The control fine-tune's sample: `n` pool rows drawn with `seed`, from U
+/// first (U is never scored, so training on it cannot favour or penalise a
+/// candidate) and topped up from the candidates outside U when `n > |U|`.
+/// Sorted.
+pub fn control_sample(n_pool: usize, u: &[usize], n: usize, seed: u64) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x636f_6e74_726f_6c00);
+    let mut out: Vec<usize> = if n <= u.len() {
+        sample(&mut rng, u.len(), n)
+            .into_iter()
+            .map(|i| u[i])
+            .collect()
+    } else {
+        let rest: Vec<usize> = (0..n_pool)
+            .filter(|i| u.binary_search(i).is_err())
+            .collect();
+        let extra = (n - u.len()).min(rest.len());
+        let mut v = u.to_vec();
+        v.extend(
+            sample(&mut rng, rest.len(), extra)
+                .into_iter()
+                .map(|i| rest[i]),
+        );
+        v
+    };
+    out.sort_unstable();
+    out
 }
 
 /// Scores of a ToV run.
@@ -114,12 +151,18 @@ pub fn score(
         }
         m
     };
-    let longest_target = {
+    let (longest_target, n_target) = {
         let t = TokenizedSet::open(target.dir())?;
-        (0..t.len())
+        let longest = (0..t.len())
             .map(|i| t.example(i).0.len())
             .max()
-            .unwrap_or(1)
+            .unwrap_or(1);
+        (longest, t.len())
+    };
+    let ctl_rows = if cfg.control {
+        control_sample(n, &u, n_target, cfg.seed)
+    } else {
+        Vec::new()
     };
     let mut theta: Option<Artifact> = None;
     let mut rounds = Vec::with_capacity(cfg.rounds);
@@ -158,15 +201,49 @@ pub fn score(
         let (sb, sv) = (SweepResult::open(sb.dir())?, SweepResult::open(sv.dir())?);
         let mut phi =
             dsel_select::tov_round(sv.logp()?, sb.logp()?, &mask, &offsets, cfg.transform);
+        if cfg.control {
+            // θ_ctl: the validation fine-tune's recipe on a random pool sample.
+            let ctl_cfg = dsel_valtune::derive_config(&val_cfg, &cfg.valtune);
+            let ctl = p.finetune(
+                "tov-control",
+                &format!("round {}", k + 1),
+                pool,
+                &ctl_rows,
+                Some(&bas),
+                &ctl_cfg,
+            )?;
+            let sc = p.sweep(
+                &format!("control round {}", k + 1),
+                pool,
+                Some((&ctl, &base_cfg.lora)),
+                sweep,
+            )?;
+            let sc = SweepResult::open(sc.dir())?;
+            let phi_ctl =
+                dsel_select::tov_round(sc.logp()?, sb.logp()?, &mask, &offsets, cfg.transform);
+            for (a, c) in phi.iter_mut().zip(&phi_ctl) {
+                *a -= c;
+            }
+        }
         for (i, s) in phi.iter_mut().enumerate() {
             if in_u[i] {
                 *s = f64::NAN;
             }
         }
+        let scored = phi.iter().filter(|s| !s.is_nan()).count();
+        if scored > 0 && phi.iter().all(|s| s.is_nan() || *s == 0.0) {
+            anyhow::bail!(
+                "ToV round {}: θ_val equals θ_bas (every one of the {scored} candidates' \
+                 per-token log-probs is unchanged, so every score is 0): the validation \
+                 fine-tune did not move the adapter; check --lr, --val-lr-ratio and \
+                 --val-epochs and that the target has label tokens",
+                k + 1
+            );
+        }
         rounds.push(phi);
         theta = Some(match cfg.variant {
-            TovVariant::A => val,
-            TovVariant::B => bas,
+            TovVariant::A => bas,
+            TovVariant::B => val,
         });
     }
     let scores = (0..n)
@@ -215,5 +292,23 @@ mod tests {
         assert_ne!(a, choose_u(100, 10, 4));
         assert!(a.windows(2).all(|w| w[0] < w[1]) && a.len() == 10);
         assert_eq!(choose_u(5, 10, 0).len(), 4);
+    }
+
+    #[test]
+    fn control_sample_comes_from_u_first_then_the_rest() {
+        let u = choose_u(100, 10, 3);
+        let small = control_sample(100, &u, 4, 9);
+        assert_eq!(small.len(), 4);
+        assert!(small.iter().all(|i| u.contains(i)));
+        assert_eq!(small, control_sample(100, &u, 4, 9), "seeded");
+        let big = control_sample(100, &u, 25, 9);
+        assert_eq!(big.len(), 25);
+        assert!(u.iter().all(|i| big.contains(i)), "all of U, then 15 more");
+        assert!(big.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(
+            control_sample(12, &u[..2], 50, 1).len(),
+            12,
+            "capped by the pool"
+        );
     }
 }

@@ -74,6 +74,7 @@ fn request(dir: &Path, task: &Path, method: Method, rounds: usize, out: &str) ->
         out_dir: dir.join(out),
         preset: Preset::Cpu,
         truncation: Default::default(),
+        control: false,
     }
 }
 
@@ -101,12 +102,12 @@ fn tov_ranks_near_copies_of_the_target_first_and_reuses_the_base_chain() {
     let cache = tmp.path().join("cache");
     let target = fixture("toy_target.jsonl");
 
-    // Method B on the robot target: fine-tuning on the target must lower the
+    // Method A on the robot target: fine-tuning on the target must lower the
     // loss of its near-copies in the pool most, so they rank first.
-    let req_b = request(tmp.path(), &target, Method::TovB, 2, "robot-b");
-    let s_b = run(&cache, &req_b);
-    assert_eq!(s_b.selected, 3);
-    let ids = selected_ids(&req_b.out_dir);
+    let req_a = request(tmp.path(), &target, Method::Tov, 2, "robot-a");
+    let s_a = run(&cache, &req_a);
+    assert_eq!(s_a.selected, 3);
+    let ids = selected_ids(&req_a.out_dir);
     assert!(
         ids[0].contains("near-"),
         "top pick should be a near-copy of the target, got {ids:?}"
@@ -116,24 +117,24 @@ fn tov_ranks_near_copies_of_the_target_first_and_reuses_the_base_chain() {
         "{ids:?}"
     );
 
-    // A second target with Method B reuses the target-independent base
+    // A second target with Method A reuses the target-independent base
     // checkpoints and their sweeps: only valtune and its sweeps run.
-    let req_b2 = request(
+    let req_a2 = request(
         tmp.path(),
         &fixture("toy_target2.jsonl"),
-        Method::TovB,
+        Method::Tov,
         2,
-        "ball-b",
+        "ball-a",
     );
-    let s_b2 = run(&cache, &req_b2);
-    for r in &s_b2.stages {
+    let s_a2 = run(&cache, &req_a2);
+    for r in &s_a2.stages {
         let target_independent =
             r.stage == "base-train" || (r.stage == "sweep" && r.label.starts_with("base"));
         if target_independent {
             assert!(
                 r.cache_hit,
                 "{} [{}] should be reused: {:?}",
-                r.stage, r.label, s_b2.stages
+                r.stage, r.label, s_a2.stages
             );
         }
         if r.stage == "valtune" {
@@ -141,35 +142,35 @@ fn tov_ranks_near_copies_of_the_target_first_and_reuses_the_base_chain() {
         }
     }
     assert_eq!(
-        s_b2.stages
+        s_a2.stages
             .iter()
             .filter(|r| r.stage == "base-train")
             .count(),
         2
     );
 
-    // Method A on the same target: round 1 is the same computation as B (same
+    // Method B on the same target: round 1 is the same computation as A (same
     // keys, cache hits); round 2 continues from θ_val and so differs.
-    let req_a = request(tmp.path(), &target, Method::Tov, 2, "robot-a");
-    let s_a = run(&cache, &req_a);
-    let base_a: Vec<_> = s_a
-        .stages
-        .iter()
-        .filter(|r| r.stage == "base-train")
-        .collect();
+    let req_b = request(tmp.path(), &target, Method::TovB, 2, "robot-b");
+    let s_b = run(&cache, &req_b);
     let base_b: Vec<_> = s_b
         .stages
         .iter()
         .filter(|r| r.stage == "base-train")
         .collect();
+    let base_a: Vec<_> = s_a
+        .stages
+        .iter()
+        .filter(|r| r.stage == "base-train")
+        .collect();
     assert_eq!(
-        base_a[0].key, base_b[0].key,
+        base_b[0].key, base_a[0].key,
         "round 1 base checkpoint is shared"
     );
-    assert!(base_a[0].cache_hit);
+    assert!(base_b[0].cache_hit);
     assert_ne!(
-        base_a[1].key, base_b[1].key,
-        "round 2 of Method A starts from θ_val, not θ_bas"
+        base_b[1].key, base_a[1].key,
+        "round 2 of Method B starts from θ_val, not θ_bas"
     );
     let scores = |dir: &Path| -> Vec<Vec<f64>> {
         let batches = dsel_store::read_parquet(dir.join("scores.parquet")).unwrap();
@@ -189,7 +190,7 @@ fn tov_ranks_near_copies_of_the_target_first_and_reuses_the_base_chain() {
             })
             .collect()
     };
-    let (ra, rb) = (scores(&req_a.out_dir), scores(&req_b.out_dir));
+    let (ra, rb) = (scores(&req_b.out_dir), scores(&req_a.out_dir));
     let same = |x: f64, y: f64| (x.is_nan() && y.is_nan()) || x == y;
     assert!(
         ra.iter().zip(&rb).all(|(a, b)| same(a[0], b[0])),
@@ -199,7 +200,7 @@ fn tov_ranks_near_copies_of_the_target_first_and_reuses_the_base_chain() {
         ra.iter().zip(&rb).any(|(a, b)| !same(a[1], b[1])),
         "round 2 must differ between A and B"
     );
-    assert!(selected_ids(&req_a.out_dir)[0].contains("near-"));
+    assert!(selected_ids(&req_b.out_dir)[0].contains("near-"));
 }
 
 #[test]
@@ -376,5 +377,75 @@ fn keep_completion_truncation_keeps_long_prompt_examples_and_has_its_own_key() {
         let n = labels.iter().filter(|&&l| l == 1).count();
         assert!(ids.len() <= max_len);
         assert!(n >= n_full.min(max_len / 2) && n > 0, "{n} of {n_full}");
+    }
+}
+
+#[test]
+fn a_target_without_a_usable_example_fails_every_method_naming_the_file_and_the_skips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let empty = tmp.path().join("empty_answers.jsonl");
+    std::fs::write(
+        &empty,
+        (0..5)
+            .map(|i| {
+                format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"Question {i}?\"}}, {{\"role\": \"assistant\", \"content\": \"\"}}]}}\n")
+            })
+            .collect::<String>(),
+    )
+    .unwrap();
+    for m in Method::ALL {
+        let req = request(tmp.path(), &empty, m, 1, m.name());
+        let mut p = Pipeline::new(&cache, &data_root()).unwrap();
+        let err = methods::select(&mut p, &req).expect_err(m.name());
+        let msg = format!("{err:#}");
+        assert!(msg.contains("empty_answers.jsonl"), "{}: {msg}", m.name());
+        assert!(msg.contains("5 empty_completion"), "{}: {msg}", m.name());
+        assert!(!req.out_dir.join("selection.jsonl").exists());
+    }
+}
+
+#[test]
+fn options_that_zero_every_score_are_rejected_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = fixture("toy_target.jsonl");
+    let cases: Vec<(Box<dyn Fn(&mut SelectRequest)>, &str)> = vec![
+        (Box::new(|r| r.valtune.epochs = 0), "--val-epochs"),
+        (Box::new(|r| r.valtune.lr_ratio = 0.0), "--val-lr-ratio"),
+        (Box::new(|r| r.values.lr = 0.0), "--lr"),
+        (Box::new(|r| r.n_bins = 0), "--bins"),
+    ];
+    for (edit, option) in cases {
+        let mut req = request(tmp.path(), &target, Method::Tov, 1, "bad");
+        edit(&mut req);
+        let mut p = Pipeline::new(&tmp.path().join("cache"), &data_root()).unwrap();
+        let err = format!("{:#}", methods::select(&mut p, &req).unwrap_err());
+        assert!(err.contains(option), "{option}: {err}");
+    }
+}
+
+#[test]
+fn a_budget_the_pool_cannot_meet_is_recorded_as_requested_vs_selected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let target = fixture("toy_target.jsonl");
+    // 36 pool examples; ToV with |U| = 4 scores 32 and draws half from U.
+    for (m, want) in [
+        (Method::Random, 36),
+        (Method::Bm25, 36),
+        (Method::Tov, 32 + 4),
+    ] {
+        let mut req = request(tmp.path(), &target, m, 1, m.name());
+        req.budget = Budget::Count(50);
+        req.rule = SelectionRule::ScoreRandom;
+        let s = run(&cache, &req);
+        assert_eq!(s.requested, 50, "{}", m.name());
+        assert_eq!(s.selected, want, "{}", m.name());
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(req.out_dir.join("summary.json")).unwrap())
+                .unwrap();
+        assert_eq!(json["requested"], 50);
+        assert_eq!(json["selected"], want);
+        assert_eq!(json["budget"], "50");
     }
 }

@@ -18,13 +18,37 @@ pub enum Budget {
 }
 
 impl Budget {
-    /// The number of examples for a pool of `pool` candidates (at least 1, at most `pool`).
-    pub fn resolve(self, pool: usize) -> usize {
-        let n = match self {
+    /// The number of examples asked for from a pool of `pool` candidates,
+    /// before any cap: a count as given, a fraction rounded to the nearest
+    /// example (at least 1 for a non-empty pool).
+    pub fn requested(self, pool: usize) -> usize {
+        match self {
             Budget::Count(n) => n,
-            Budget::Fraction(f) => (f * pool as f64).round() as usize,
-        };
-        n.clamp(1.min(pool), pool)
+            Budget::Fraction(f) => ((f * pool as f64).round() as usize).max(1.min(pool)),
+        }
+    }
+
+    /// The number of examples for a pool of `pool` candidates (at least 1, at
+    /// most `pool`). A method that can select fewer (ToV scores only the
+    /// candidates outside U) caps it further; callers compare the selection's
+    /// size with [`Budget::requested`] and warn.
+    pub fn resolve(self, pool: usize) -> usize {
+        self.requested(pool).clamp(1.min(pool), pool)
+    }
+}
+
+impl std::fmt::Display for Budget {
+    /// `500` for a count, `5%` for a fraction (the spelling the CLI takes).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Budget::Count(n) => write!(f, "{n}"),
+            Budget::Fraction(x) => {
+                let pct = x * 100.0;
+                // Shortest spelling that reads back as the same fraction.
+                let short = format!("{}", (pct * 1e6).round() / 1e6);
+                write!(f, "{short}%")
+            }
+        }
     }
 }
 
@@ -38,6 +62,11 @@ impl std::str::FromStr for Budget {
         };
         if let Some(p) = s.strip_suffix('%') {
             let v: f64 = p.trim().parse().map_err(|_| bad())?;
+            if v > 100.0 && v.is_finite() {
+                return Err(format!(
+                    "budget {s:?} is over 100% of the pool: a percentage must be in (0, 100]"
+                ));
+            }
             if !(v > 0.0 && v <= 100.0) {
                 return Err(bad());
             }
@@ -53,6 +82,10 @@ impl std::str::FromStr for Budget {
         let v: f64 = s.parse().map_err(|_| bad())?;
         if v > 0.0 && v <= 1.0 {
             Ok(Budget::Fraction(v))
+        } else if v > 1.0 && v.is_finite() {
+            Err(format!(
+                "budget {s:?} is a fraction over 1: a fraction must be in (0, 1]; write a count as a whole number (500) or a percentage as 5%"
+            ))
         } else {
             Err(bad())
         }
@@ -236,6 +269,56 @@ mod tests {
         // Random pool smaller than its half: the scored half grows.
         let c = score_plus_random(&scores, &lengths, &scored, &pool[..2], 10, 1, 7);
         assert_eq!(c.len(), 10);
-        assert_eq!(c[..8].len(), 8);
+        assert_eq!(&c[..8], &[29, 28, 27, 26, 25, 24, 23, 22]);
+        let mut tail = c[8..].to_vec();
+        tail.sort();
+        assert_eq!(tail, vec![30, 31], "all of the small random pool is taken");
+    }
+
+    #[test]
+    fn score_plus_random_takes_the_binned_top_then_the_seeded_draw() {
+        // 60 scored candidates in 3 length bins (lengths 0..20, 20..40, 40..60)
+        // with scores unrelated to length; U = 60..80.
+        let n = 80;
+        let lengths: Vec<u32> = (0..n).map(|i| (i % 60) as u32).collect();
+        let scores: Vec<f64> = (0..n).map(|i| ((i * 37) % 61) as f64).collect();
+        let scored: Vec<usize> = (0..60).collect();
+        let u: Vec<usize> = (60..80).collect();
+        let got = score_plus_random(&scores, &lengths, &scored, &u, 12, 3, 5);
+        assert_eq!(got.len(), 12);
+        // First half, computed independently: the 2 best of each bin, then
+        // the whole half sorted by score (best first).
+        let mut expect: Vec<usize> = Vec::new();
+        for b in 0..3 {
+            let mut bin: Vec<usize> = (b * 20..(b + 1) * 20).collect();
+            bin.sort_by(|&x, &y| scores[y].total_cmp(&scores[x]).then(x.cmp(&y)));
+            expect.extend_from_slice(&bin[..2]);
+        }
+        expect.sort_by(|&x, &y| scores[y].total_cmp(&scores[x]).then(x.cmp(&y)));
+        assert_eq!(&got[..6], &expect[..]);
+        // Second half: exactly the seeded uniform draw of 6 from U.
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut draw = u.clone();
+        draw.shuffle(&mut rng);
+        assert_eq!(&got[6..], &draw[..6]);
+        assert!(got[6..].iter().all(|i| u.contains(i)));
+        assert!(got[..6].iter().all(|i| !u.contains(i)));
+    }
+
+    #[test]
+    fn budget_display_reads_back_and_over_range_budgets_explain_themselves() {
+        for b in ["5%", "500", "12.5%", "100%"] {
+            let parsed: Budget = b.parse().unwrap();
+            assert_eq!(parsed.to_string(), b);
+            assert_eq!(parsed.to_string().parse::<Budget>().unwrap(), parsed);
+        }
+        assert_eq!(Budget::Fraction(0.05).to_string(), "5%");
+        let e = "150%".parse::<Budget>().unwrap_err();
+        assert!(e.contains("over 100%"), "{e}");
+        let e = "1.5".parse::<Budget>().unwrap_err();
+        assert!(e.contains("fraction over 1"), "{e}");
+        assert_eq!(Budget::Count(50).requested(10), 50);
+        assert_eq!(Budget::Count(50).resolve(10), 10);
+        assert_eq!(Budget::Fraction(0.001).requested(10), 1);
     }
 }

@@ -43,9 +43,13 @@ pub struct RunSummary {
     pub pool: String,
     /// Candidates after ingest and tokenization.
     pub pool_size: usize,
-    /// Budget as given.
+    /// Budget as given (`5%`, `500`).
     pub budget: String,
-    /// Number of examples selected.
+    /// Examples the budget asks for from this pool ([`crate::Budget::requested`]).
+    #[serde(default)]
+    pub requested: usize,
+    /// Number of examples selected (less than `requested` when the pool, or
+    /// the candidates the method can pick from, hold fewer; a warning is logged).
     pub selected: usize,
     /// Selected count per source.
     pub selected_by_source: BTreeMap<String, usize>,

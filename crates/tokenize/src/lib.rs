@@ -251,9 +251,18 @@ pub fn tokenize_to_dir(
     report.tokens = tokens.len() as u64;
     report.tokens_per_second = report.tokens as f64 / start.elapsed().as_secs_f64().max(1e-9);
     if index.is_empty() {
+        let reasons: Vec<String> = report
+            .skipped
+            .iter()
+            .map(|(reason, n)| format!("{n} {reason}"))
+            .collect();
         anyhow::bail!(
-            "no example survived tokenization (skipped: {:?})",
-            report.skipped
+            "no example survived tokenization: {} read, all skipped ({}; no_labels = empty \
+             completion, no_labels_after_truncation = the prompt fills the {}-token window: \
+             raise the max length or use --truncation keep-completion)",
+            report.examples_in,
+            reasons.join(", "),
+            cfg.max_len
         );
     }
     dsel_store::write_npy(dir.join("tokens.npy"), &[tokens.len()], &tokens)?;
