@@ -6,13 +6,26 @@
 //! <root>/<stage>/<key>/          finished artifacts (files + manifest.json)
 //! <root>/tmp/<key>-<nonce>/      builds in progress (and corrupt artifacts being removed)
 //! <root>/partial/<stage>/<key>/  resumable scratch space of a build (Builder::scratch_dir)
-//! <root>/locks/<key>.lock        per-key lock files (fs2 exclusive locks)
+//! <root>/locks/<key>.lock        per-key lock files (fs2 locks: exclusive for
+//!                                a build or gc, shared while a reader opens it)
+//! <root>/locks/<pid>-<n>-<t>.lease  one per open store that handed out artifacts:
+//!                                their keys, one a line; locked by its owner
 //! <root>/used/<key>              "last used" markers (mtime = last use)
 //! ```
+//!
+//! Artifacts in use are never collected: every artifact a [`Store`] hands
+//! out ([`Store::get_or_build`], [`Store::lookup`], [`Store::open_artifact`])
+//! is recorded in the store's lease file, written while the key's lock is
+//! held, and the owner holds an exclusive lock on that file until the store
+//! is dropped or the process ends. [`Store::gc`] takes the key's lock
+//! before it reads the lease files, so it sees every use recorded before,
+//! and a reader waits for a removal in progress. A lease file whose lock
+//! can be taken belongs to a process that has exited and is removed.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
+use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -334,6 +347,8 @@ pub enum GcKind {
     Lock,
     /// A "last used" marker of an artifact that no longer exists.
     UsedMarker,
+    /// The lease file of a store whose process has exited.
+    Lease,
 }
 
 /// One thing gc removed (or would remove).
@@ -358,6 +373,9 @@ pub struct GcReport {
     pub bytes: u64,
     /// Entries skipped because a build holds their lock.
     pub skipped_locked: Vec<PathBuf>,
+    /// Artifacts skipped because a live process (this one included) uses
+    /// them: a store that handed them out is still open.
+    pub skipped_in_use: Vec<PathBuf>,
     /// Removal errors (the entry stays).
     pub errors: Vec<String>,
 }
@@ -370,15 +388,43 @@ struct Fingerprint {
     files: Vec<(u64, i128, u64)>,
 }
 
-/// An exclusive per-key lock, released on drop.
+/// A per-key lock (exclusive or shared), released on drop.
 struct KeyLock {
     _file: File,
 }
+
+/// This store's lease file: the keys of the artifacts it handed out, one a
+/// line, under an exclusive lock held until the store is dropped.
+struct Leases {
+    file: File,
+    path: PathBuf,
+    keys: HashSet<ArtifactKey>,
+}
+
+/// Suffix of lease files in the locks folder.
+const LEASE_SUFFIX: &str = ".lease";
+/// Suffix of a lease file being created (locked, then renamed into place).
+const LEASE_NEW_SUFFIX: &str = ".lease-new";
 
 /// A content-addressed artifact store rooted at a folder.
 pub struct Store {
     root: PathBuf,
     verified: Mutex<HashMap<PathBuf, Fingerprint>>,
+    leases: Mutex<Option<Leases>>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let leases = match self.leases.get_mut() {
+            Ok(l) => l.take(),
+            Err(e) => e.into_inner().take(),
+        };
+        if let Some(l) = leases {
+            // Removed while still locked; the lock goes with the descriptor.
+            let _ = fs::remove_file(&l.path);
+            drop(l.file);
+        }
+    }
 }
 
 impl fmt::Debug for Store {
@@ -413,6 +459,7 @@ impl Store {
         Ok(Self {
             root,
             verified: Mutex::new(HashMap::new()),
+            leases: Mutex::new(None),
         })
     }
 
@@ -438,9 +485,33 @@ impl Store {
         self.root.join(PARTIAL_DIR).join(stage).join(key.as_str())
     }
 
-    /// Takes the per-key lock; `None` when `blocking` is false and another
-    /// holder has it.
+    /// Takes the per-key lock exclusively; `None` when `blocking` is false
+    /// and another holder has it.
     fn lock_key(&self, key: &ArtifactKey, blocking: bool) -> Result<Option<KeyLock>> {
+        self.lock_key_as(key, false, blocking)
+    }
+
+    /// Takes the per-key lock, shared (readers) or exclusive (builds, gc).
+    fn lock_key_as(
+        &self,
+        key: &ArtifactKey,
+        shared: bool,
+        blocking: bool,
+    ) -> Result<Option<KeyLock>> {
+        let try_lock = |f: &File| {
+            if shared {
+                FileExt::try_lock_shared(f)
+            } else {
+                FileExt::try_lock_exclusive(f)
+            }
+        };
+        let lock = |f: &File| {
+            if shared {
+                FileExt::lock_shared(f)
+            } else {
+                FileExt::lock_exclusive(f)
+            }
+        };
         let path = self.lock_path(key);
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
@@ -454,16 +525,15 @@ impl Store {
                 .open(&path)
                 .with_context(|| format!("opening lock file {}", path.display()))?;
             if blocking {
-                if FileExt::try_lock_exclusive(&file).is_err() {
+                if try_lock(&file).is_err() {
                     tracing::info!(
-                        "waiting for another process building artifact {} (lock {})",
+                        "waiting for another process using artifact {} (lock {})",
                         key.short(),
                         path.display()
                     );
-                    FileExt::lock_exclusive(&file)
-                        .with_context(|| format!("locking {}", path.display()))?;
+                    lock(&file).with_context(|| format!("locking {}", path.display()))?;
                 }
-            } else if let Err(e) = FileExt::try_lock_exclusive(&file) {
+            } else if let Err(e) = try_lock(&file) {
                 if e.kind() == fs2::lock_contended_error().kind()
                     || e.kind() == std::io::ErrorKind::WouldBlock
                 {
@@ -477,6 +547,90 @@ impl Store {
                 return Ok(Some(KeyLock { _file: file }));
             }
         }
+    }
+
+    /// Records in this store's lease file that it hands out `key` (call with
+    /// the key's lock held, shared or exclusive). The lease lasts as long as
+    /// the store: [`Store::gc`] in any process leaves the artifact alone.
+    fn lease(&self, key: &ArtifactKey) -> Result<()> {
+        let mut guard = self
+            .leases
+            .lock()
+            .map_err(|_| anyhow::anyhow!("lease registry poisoned"))?;
+        if guard.is_none() {
+            *guard = Some(self.create_lease_file()?);
+        }
+        let leases = guard.as_mut().expect("lease file just created");
+        if leases.keys.contains(key) {
+            return Ok(());
+        }
+        // One write of a whole line: a reader sees it complete or not at all
+        // (and a reader only looks while holding the key's lock).
+        leases
+            .file
+            .write_all(format!("{key}\n").as_bytes())
+            .with_context(|| {
+                format!(
+                    "recording the use of artifact {} in {}",
+                    key.short(),
+                    leases.path.display()
+                )
+            })?;
+        leases.keys.insert(key.clone());
+        Ok(())
+    }
+
+    /// Creates, locks and then names `<root>/locks/<nonce>.lease`, so gc
+    /// never sees it unlocked while its owner lives.
+    fn create_lease_file(&self) -> Result<Leases> {
+        let dir = self.root.join(LOCKS_DIR);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let name = nonce();
+        let tmp = dir.join(format!("{name}{LEASE_NEW_SUFFIX}"));
+        let path = dir.join(format!("{name}{LEASE_SUFFIX}"));
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .open(&tmp)
+            .with_context(|| format!("creating lease file {}", tmp.display()))?;
+        FileExt::try_lock_exclusive(&file)
+            .with_context(|| format!("locking lease file {}", tmp.display()))?;
+        fs::rename(&tmp, &path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        Ok(Leases {
+            file,
+            path,
+            keys: HashSet::new(),
+        })
+    }
+
+    /// Whether a live lease file (its owner holds its lock; this store's
+    /// own included) lists `key`. Read with the key's lock held.
+    fn in_use(&self, key: &ArtifactKey) -> bool {
+        let Ok(rd) = fs::read_dir(self.root.join(LOCKS_DIR)) else {
+            return false;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if !name.ends_with(LEASE_SUFFIX) {
+                continue;
+            }
+            let Ok(file) = File::open(e.path()) else {
+                continue; // removed meanwhile: its owner is gone
+            };
+            if FileExt::try_lock_exclusive(&file).is_ok() {
+                continue; // nobody holds it: the owner has exited
+            }
+            let Ok(text) = fs::read_to_string(e.path()) else {
+                // Unreadable but held: assume the worst.
+                return true;
+            };
+            if text.lines().any(|l| l == key.as_str()) {
+                return true;
+            }
+        }
+        false
     }
 
     /// Returns the artifact of `spec`, building it with `build` if it is
@@ -510,6 +664,7 @@ impl Store {
         if final_dir.exists() {
             match self.check(&spec.stage, &key, false) {
                 Ok(artifact) => {
+                    self.lease(&key)?;
                     self.touch_used(&key);
                     return Ok(Outcome {
                         artifact,
@@ -604,6 +759,7 @@ impl Store {
         })?;
         guard.0 = None;
         fsync_dir(&stage_dir)?;
+        self.lease(&key)?;
 
         if let Err(e) = remove_path(&builder.scratch) {
             tracing::warn!("could not remove scratch folder: {e:#}");
@@ -846,8 +1002,14 @@ impl Store {
         if !dir.exists() {
             return Ok(None);
         }
+        // Shared: concurrent readers proceed; a removal by gc (or a rebuild)
+        // finishes first.
+        let _lock = self
+            .lock_key_as(&key, true, true)?
+            .context("lock unexpectedly unavailable")?;
         match self.check(&spec.stage, &key, false) {
             Ok(a) => {
+                self.lease(&key)?;
                 self.touch_used(&key);
                 Ok(Some(a))
             }
@@ -868,8 +1030,12 @@ impl Store {
     /// 4 hex characters; users usually type the 12-character short key).
     pub fn open_artifact(&self, key_or_prefix: &str) -> Result<Artifact> {
         let (stage, key) = self.resolve(key_or_prefix)?;
+        let _lock = self
+            .lock_key_as(&key, true, true)?
+            .context("lock unexpectedly unavailable")?;
         match self.check(&stage, &key, false) {
             Ok(a) => {
+                self.lease(&key)?;
                 self.touch_used(&key);
                 Ok(a)
             }
@@ -989,8 +1155,11 @@ impl Store {
 
     /// Removes artifacts not used within `older_than`, scratch folders not
     /// touched within it, leftover temporary build folders, and lock files
-    /// and use markers of keys with nothing left. Entries whose key lock is
-    /// held by a running build are skipped. With `dry_run` only reports.
+    /// and use markers of keys with nothing left, and lease files of stores
+    /// whose process has exited. Entries whose key lock is held (a running
+    /// build, or a reader opening the artifact) are skipped, and so are
+    /// artifacts an open store in any live process handed out (reported in
+    /// [`GcReport::skipped_in_use`]). With `dry_run` only reports.
     pub fn gc(&self, opts: &GcOptions) -> Result<GcReport> {
         let now = now_unix();
         let cutoff = now.saturating_sub(opts.older_than.as_secs());
@@ -1091,6 +1260,10 @@ impl Store {
         if let Ok(rd) = fs::read_dir(self.root.join(LOCKS_DIR)) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().to_string();
+                if name.ends_with(LEASE_SUFFIX) || name.ends_with(LEASE_NEW_SUFFIX) {
+                    self.gc_lease_file(&mut report, &e.path(), &name, now);
+                    continue;
+                }
                 let Some(key) = name
                     .strip_suffix(".lock")
                     .and_then(|n| ArtifactKey::from_hex(n).ok())
@@ -1103,6 +1276,37 @@ impl Store {
             }
         }
         Ok(report)
+    }
+
+    /// A lease file whose owner has exited (its lock is free), or a lease
+    /// file left half-created by a process that died while creating it:
+    /// removed (under its lock) or, in a dry run, reported.
+    fn gc_lease_file(&self, report: &mut GcReport, path: &Path, name: &str, now: u64) {
+        let Ok(file) = File::open(path) else {
+            return;
+        };
+        if name.ends_with(LEASE_NEW_SUFFIX) {
+            let old = newest_mtime(path).is_none_or(|t| t + UNKNOWN_TMP_GRACE.as_secs() <= now);
+            if !old {
+                return;
+            }
+        }
+        if FileExt::try_lock_exclusive(&file).is_err() {
+            return; // its store is open in a live process
+        }
+        let bytes = disk_bytes(path);
+        if !report.dry_run {
+            if let Err(e) = remove_path(path) {
+                report.errors.push(format!("{e:#}"));
+                return;
+            }
+        }
+        report.items.push(GcItem {
+            kind: GcKind::Lease,
+            path: path.to_path_buf(),
+            bytes,
+        });
+        report.bytes += bytes;
     }
 
     /// Removes (or in a dry run reports) one entry, under its key lock when
@@ -1130,6 +1334,12 @@ impl Store {
             },
             None => None,
         };
+        // Holding the key's lock, no new use can be recorded: any store that
+        // handed the artifact out has written its lease already.
+        if kind == GcKind::Artifact && key.is_some_and(|k| self.in_use(k)) {
+            report.skipped_in_use.push(path.to_path_buf());
+            return false;
+        }
         let bytes = disk_bytes(path);
         if !report.dry_run {
             if let Err(e) = remove_path(path) {

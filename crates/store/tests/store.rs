@@ -544,17 +544,21 @@ fn set_mtime(path: &Path, ago: Duration) {
 fn gc_dry_run_then_real() {
     let _serial = no_concurrent_spawns();
     let root = tempfile::tempdir().unwrap();
-    let store = Store::open(root.path()).unwrap();
     let old = simple_spec("old");
     let fresh = simple_spec("fresh");
+    // Built by a store that is closed before gc runs (an open store keeps
+    // what it handed out; see `gc_never_collects_artifacts_in_use`).
+    let builder = Store::open(root.path()).unwrap();
     for spec in [&old, &fresh] {
-        store
+        builder
             .get_or_build(spec, |b| {
                 fs::write(b.path("d.bin"), vec![0u8; 10_000])?;
                 Ok(())
             })
             .unwrap();
     }
+    drop(builder);
+    let store = Store::open(root.path()).unwrap();
     // `old` was last used two days ago.
     set_mtime(
         &root.path().join("used").join(old.key().as_str()),
@@ -663,6 +667,154 @@ fn gc_dry_run_then_real() {
         })
         .unwrap();
     assert!(!again.cache_hit);
+}
+
+fn build_d(store: &Store, spec: &StageSpec) -> PathBuf {
+    store
+        .get_or_build(spec, |b| {
+            fs::write(b.path("d.bin"), vec![3u8; 1000])?;
+            Ok(())
+        })
+        .unwrap()
+        .artifact
+        .dir
+}
+
+fn gc_all(store: &Store, dry_run: bool) -> dsel_store::GcReport {
+    let r = store
+        .gc(&GcOptions {
+            older_than: Duration::ZERO,
+            dry_run,
+        })
+        .unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    r
+}
+
+fn lease_files(root: &Path) -> Vec<PathBuf> {
+    fs::read_dir(root.join("locks"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "lease"))
+        .collect()
+}
+
+#[test]
+fn gc_never_collects_artifacts_in_use() {
+    let _serial = no_concurrent_spawns();
+    let root = tempfile::tempdir().unwrap();
+    let (used, unused) = (simple_spec("in-use"), simple_spec("unused"));
+    let builder = Store::open(root.path()).unwrap();
+    let (used_dir, unused_dir) = (build_d(&builder, &used), build_d(&builder, &unused));
+    drop(builder);
+    assert!(
+        lease_files(root.path()).is_empty(),
+        "a closed store ends its lease"
+    );
+
+    // Two handles on one cache, as two commands: one opened the artifact
+    // (as select opens its adapter), the other collects everything.
+    let user = Store::open(root.path()).unwrap();
+    let art = user.open_artifact(used.key().short()).unwrap();
+    let gc = Store::open(root.path()).unwrap();
+    let dry = gc_all(&gc, true);
+    assert_eq!(dry.skipped_in_use, vec![used_dir.clone()]);
+    assert!(dry.items.iter().any(|i| i.path == unused_dir));
+    assert!(
+        dry.items.iter().all(|i| i.path != used_dir),
+        "{:#?}",
+        dry.items
+    );
+    let real = gc_all(&gc, false);
+    assert_eq!(real.skipped_in_use, vec![used_dir.clone()]);
+    assert!(!unused_dir.exists());
+    assert_eq!(fs::read(art.path("d.bin")).unwrap(), vec![3u8; 1000]);
+    // Its lock file stays with it; a lookup through `lookup` leases too.
+    assert!(user.lookup(&used).unwrap().is_some());
+    drop(user);
+    let real = gc_all(&gc, false);
+    assert!(real.skipped_in_use.is_empty());
+    assert!(real
+        .items
+        .iter()
+        .any(|i| i.kind == GcKind::Artifact && i.path == used_dir));
+    assert!(!used_dir.exists());
+
+    // The same store's own handouts are protected too.
+    let dir = build_d(&gc, &used);
+    assert_eq!(gc_all(&gc, false).skipped_in_use, vec![dir.clone()]);
+    assert!(dir.exists());
+}
+
+const LEASE_ROOT: &str = "DSEL_STORE_TEST_LEASE_ROOT";
+
+/// Runs only when re-executed by `gc_skips_artifacts_of_live_processes`:
+/// opens an artifact, says so, then keeps using it until killed.
+#[test]
+fn child_process_holds_an_artifact() {
+    let Some(root) = std::env::var_os(LEASE_ROOT) else {
+        return;
+    };
+    let root = PathBuf::from(root);
+    let store = Store::open(&root).unwrap();
+    let art = store.lookup(&simple_spec("child")).unwrap().unwrap();
+    fs::write(root.join("ready"), art.key.as_str()).unwrap();
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(120) {
+        assert_eq!(fs::read(art.path("d.bin")).unwrap().len(), 1000);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn gc_skips_artifacts_of_live_processes() {
+    let _serial = no_concurrent_spawns();
+    let root = tempfile::tempdir().unwrap();
+    let spec = simple_spec("child");
+    let dir = {
+        let builder = Store::open(root.path()).unwrap();
+        build_d(&builder, &spec)
+    };
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_process_holds_an_artifact",
+            "--test-threads=1",
+        ])
+        .env(LEASE_ROOT, root.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !root.path().join("ready").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "child never started"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "child exited early");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let gc = Store::open(root.path()).unwrap();
+    let r = gc_all(&gc, false);
+    assert_eq!(r.skipped_in_use, vec![dir.clone()]);
+    assert!(dir.exists());
+    assert_eq!(lease_files(root.path()).len(), 1, "the child's lease");
+
+    // Killed: no destructor ran, its lease file is left but no longer held.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(lease_files(root.path()).len(), 1);
+    let r = gc_all(&gc, false);
+    assert!(r.skipped_in_use.is_empty(), "{:?}", r.skipped_in_use);
+    assert!(!dir.exists());
+    assert!(
+        r.items.iter().any(|i| i.kind == GcKind::Lease),
+        "{:#?}",
+        r.items
+    );
+    assert!(lease_files(root.path()).is_empty());
 }
 
 #[test]
