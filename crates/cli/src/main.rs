@@ -58,6 +58,9 @@ enum Command {
     TrainOnline(TrainOnlineArgs),
     /// Run several methods, train on each selection, evaluate, and write runs/<task>-compare/.
     Compare(CompareArgs),
+    /// Held-out source recall benchmark: does each method select the target's
+    /// own task? (FLAN-CoT tasks held out in turn; writes runs/quality/.)
+    Quality(QualityArgs),
     /// Compute shard i/N of the LESS pool datastore (one of several workers or
     /// machines); gather the printed folders into one cache, then `select --method less`.
     LessShard(LessShardArgs),
@@ -301,6 +304,47 @@ struct LessShardArgs {
     /// Seed (pool sample and warmup subset), as given to `select`.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+#[derive(Args, Debug)]
+struct QualityArgs {
+    /// Comma-separated FLAN-CoT tasks held out in turn (tuning: ecqa, creak; held out: strategyqa, qasc, sensemaking; keep gsm8k and aqua out of tuning).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ecqa,creak,strategyqa,qasc"
+    )]
+    tasks: Vec<String>,
+    /// Comma-separated methods; `tov+control` is ToV with the control-corrected score.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "random,tov,tov+control,tov-b,less,bm25,dsir,rds,max-uncertainty"
+    )]
+    methods: Vec<dsel_pipeline::quality::QualityMethod>,
+    /// Seeds 1..=N (pool sample, U, LoRA init, data order, random picks).
+    #[arg(long, default_value_t = 3)]
+    seeds: u64,
+    /// Held-out rows of the task used as the target.
+    #[arg(long, default_value_t = 64)]
+    n_target: usize,
+    /// Pool examples sampled from the mixture per seed.
+    #[arg(long, default_value_t = 600)]
+    pool_limit: usize,
+    /// Output folder.
+    #[arg(long, default_value = "runs/quality")]
+    out: PathBuf,
+    /// Options of `dsel select` for every run (model, preset, budget, ToV
+    /// knobs), after `--`: e.g. `-- --model m.gguf --val-lr-ratio 1`.
+    #[arg(last = true)]
+    select_args: Vec<String>,
+}
+
+/// `dsel select`'s options parsed on their own (for `quality`).
+#[derive(Parser, Debug)]
+struct SelectOnly {
+    #[command(flatten)]
+    a: SelectArgs,
 }
 
 #[derive(Args, Debug)]
@@ -616,6 +660,25 @@ fn run() -> Result<()> {
                 &ecfg,
             )?;
             println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(())
+        }
+        Command::Quality(a) => {
+            let mut argv = vec!["quality".to_string(), "--task".into(), "mmlu".into()];
+            argv.extend(a.select_args.iter().cloned());
+            let sel = SelectOnly::try_parse_from(&argv)
+                .map_err(|e| anyhow::anyhow!("options after `--` (those of `dsel select`): {e}"))?;
+            let base = select_request(sel.a)?;
+            let opts = dsel_pipeline::quality::QualityOptions {
+                tasks: a.tasks.clone(),
+                methods: a.methods.clone(),
+                seeds: a.seeds,
+                n_target: a.n_target,
+                pool_limit: a.pool_limit,
+            };
+            let mut p = Pipeline::new(&g.cache, &g.data_root)?;
+            dsel_pipeline::quality::run(&mut p, &base, &opts, &a.out)?;
+            print!("{}", std::fs::read_to_string(a.out.join("table.md"))?);
+            println!("→ {}", a.out.join("report.html").display());
             Ok(())
         }
         Command::Compare(a) => {

@@ -1,0 +1,574 @@
+//! `quality`: does a method find the target's own data? A held-out source
+//! recall benchmark anyone can rerun (`make quality`).
+//!
+//! For each FLAN-CoT task held out in turn: the target is the task's first
+//! `n_target` rows; the pool is the default mixture (FLAN-CoT, T0,
+//! AlpacaEval) with that task's file replaced by its remaining rows, sampled
+//! to `pool_limit` examples with the run's seed. Every method selects the
+//! same budget; for each (task, method, seed) the benchmark records
+//!
+//! * **share**: the fraction of the selection from the held-out task, against
+//!   the task's share of the pool (what random gets in expectation); their
+//!   ratio is the **lift** (1 = random);
+//! * **percentile**: the mean percentile rank of the task's pool examples
+//!   under the method's raw scores (0 = ranked first, 0.5 = random), which
+//!   does not depend on the selection rule (binning, Score+Random);
+//! * **cost**: wall seconds of the selection run (cold on a fresh cache).
+//!
+//! The derived target and pool files are written under the output folder at
+//! run time from the shared data; nothing derived is committed.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use dsel_ingest::SubsetOptions;
+use dsel_select::ScoreRow;
+use serde::{Deserialize, Serialize};
+
+use crate::methods::{self, Method, SelectRequest};
+use crate::Pipeline;
+
+/// One row of the benchmark: a method and its ToV options.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QualityMethod {
+    /// Display name (`tov`, `tov+control`, …).
+    pub name: String,
+    /// The selection method.
+    pub method: Method,
+    /// ToV's control-corrected score.
+    pub control: bool,
+}
+
+impl std::str::FromStr for QualityMethod {
+    type Err = String;
+    /// A method name, optionally with `+control` (ToV only).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (base, control) = match s.strip_suffix("+control") {
+            Some(b) => (b, true),
+            None => (s, false),
+        };
+        let method: Method = base.parse()?;
+        if control && !matches!(method, Method::Tov | Method::TovB) {
+            return Err(format!("{s}: +control applies to tov and tov-b only"));
+        }
+        Ok(QualityMethod {
+            name: s.to_string(),
+            method,
+            control,
+        })
+    }
+}
+
+/// What the benchmark runs.
+#[derive(Debug, Clone)]
+pub struct QualityOptions {
+    /// FLAN-CoT tasks held out in turn (file stems under `pools/flan_v2_cot`).
+    pub tasks: Vec<String>,
+    /// Methods compared.
+    pub methods: Vec<QualityMethod>,
+    /// Seeds 1..=seeds (pool sample, U, LoRA init, data order, random picks).
+    pub seeds: u64,
+    /// Held-out rows used as the target.
+    pub n_target: usize,
+    /// Pool examples sampled from the mixture.
+    pub pool_limit: usize,
+}
+
+/// One (task, method, seed) measurement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QualityRun {
+    /// Held-out task.
+    pub task: String,
+    /// Method row name.
+    pub method: String,
+    /// Seed.
+    pub seed: u64,
+    /// Pool size after tokenization.
+    pub pool_size: usize,
+    /// Pool examples from the held-out task.
+    pub pool_matching: usize,
+    /// Examples selected.
+    pub selected: usize,
+    /// Selected examples from the held-out task.
+    pub selected_matching: usize,
+    /// Mean percentile rank of the task's pool examples under the raw scores
+    /// (None for methods without scores).
+    pub percentile: Option<f64>,
+    /// Wall seconds of the selection run.
+    pub wall_seconds: f64,
+}
+
+impl QualityRun {
+    /// Share of the selection from the held-out task.
+    pub fn share(&self) -> f64 {
+        self.selected_matching as f64 / self.selected.max(1) as f64
+    }
+
+    /// The held-out task's share of the pool.
+    pub fn pool_share(&self) -> f64 {
+        self.pool_matching as f64 / self.pool_size.max(1) as f64
+    }
+
+    /// `share / pool_share` (1 = random in expectation).
+    pub fn lift(&self) -> f64 {
+        self.share() / self.pool_share().max(1e-12)
+    }
+}
+
+/// Mean percentile rank (0 = best, 1 = worst) of the rows whose source is
+/// `source`, among rows with a finite score; ties share their mean rank.
+/// None when no matching row has a finite score.
+pub fn mean_percentile(rows: &[ScoreRow], source: &str) -> Option<f64> {
+    let mut scored: Vec<(f64, bool)> = rows
+        .iter()
+        .filter(|r| r.score.is_finite())
+        .map(|r| (r.score, r.source == source))
+        .collect();
+    let n = scored.len();
+    if n < 2 {
+        return None;
+    }
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let (mut sum, mut count) = (0.0, 0usize);
+    let mut i = 0;
+    while i < n {
+        let mut j = i;
+        while j + 1 < n && scored[j + 1].0 == scored[i].0 {
+            j += 1;
+        }
+        let mid = (i + j) as f64 / 2.0 / (n - 1) as f64;
+        for s in &scored[i..=j] {
+            if s.1 {
+                sum += mid;
+                count += 1;
+            }
+        }
+        i = j + 1;
+    }
+    (count > 0).then(|| sum / count as f64)
+}
+
+/// Mean and sample standard deviation (0 for one value).
+pub fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let m = v.iter().sum::<f64>() / n.max(1.0);
+    if v.len() < 2 {
+        return (m, 0.0);
+    }
+    let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0);
+    (m, var.sqrt())
+}
+
+/// Writes the held-out target and the pool mixture for `task` under `dir`;
+/// returns (target file, mixture file, the task's source name).
+pub fn prepare_task(
+    data_root: &Path,
+    task: &str,
+    n_target: usize,
+    dir: &Path,
+) -> Result<(PathBuf, PathBuf, String)> {
+    let flan = data_root.join("pools/flan_v2_cot");
+    let file = flan.join(format!("{task}_train.tsv"));
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    anyhow::ensure!(
+        lines.len() > n_target,
+        "{}: {} rows, fewer than the {n_target} held out plus one",
+        file.display(),
+        lines.len()
+    );
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let target = dir.join(format!("{task}_heldout.tsv"));
+    dsel_store::atomic_write(&target, (lines[..n_target].join("\n") + "\n").into_bytes())?;
+    let rest = dir.join(format!("{task}_train.tsv"));
+    dsel_store::atomic_write(&rest, (lines[n_target..].join("\n") + "\n").into_bytes())?;
+    let source = format!("flan_v2_cot/{task}");
+    let mut toml =
+        format!("description = \"quality benchmark: default mixture with {task} held out\"\n");
+    let mut others: Vec<PathBuf> = std::fs::read_dir(&flan)
+        .with_context(|| format!("listing {}", flan.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with("_train.tsv") && n != format!("{task}_train.tsv"))
+        })
+        .collect();
+    others.sort();
+    let entry = |toml: &mut String, path: &Path, format: &str, source: Option<&str>| {
+        let _ = write!(
+            toml,
+            "\n[[entry]]\npath = {:?}\nformat = \"{format}\"\n",
+            path.display().to_string()
+        );
+        if let Some(s) = source {
+            let _ = writeln!(toml, "source = \"{s}\"");
+        }
+    };
+    for p in &others {
+        entry(&mut toml, p, "flan-cot", None);
+    }
+    entry(&mut toml, &rest, "flan-cot", Some(&source));
+    entry(
+        &mut toml,
+        &data_root.join("pools/t0_50k/data_per_template"),
+        "t0",
+        None,
+    );
+    entry(
+        &mut toml,
+        &data_root.join("pools/alpaca_eval"),
+        "alpaca-eval",
+        None,
+    );
+    let mixture = dir.join("pool.toml");
+    dsel_store::atomic_write(&mixture, toml.into_bytes())?;
+    Ok((target, mixture, source))
+}
+
+/// Runs the benchmark: every (task, seed, method) selection through `p`,
+/// `base` giving the model, preset values, budget and every other option.
+/// Writes `table.md`, `table.csv`, `runs.json` and `report.html` into `out`.
+pub fn run(
+    p: &mut Pipeline,
+    base: &SelectRequest,
+    opts: &QualityOptions,
+    out: &Path,
+) -> Result<Vec<QualityRun>> {
+    anyhow::ensure!(opts.seeds >= 1, "--seeds must be at least 1");
+    anyhow::ensure!(
+        !opts.tasks.is_empty(),
+        "--tasks must name at least one task"
+    );
+    let mut runs = Vec::new();
+    for task in &opts.tasks {
+        let (target, mixture, source) = prepare_task(
+            &p.data_root.clone(),
+            task,
+            opts.n_target,
+            &out.join("data").join(task),
+        )?;
+        for seed in 1..=opts.seeds {
+            for m in &opts.methods {
+                let mut req = base.clone();
+                req.task = target.display().to_string();
+                req.method = m.method;
+                req.control = m.control;
+                req.pool = mixture.display().to_string();
+                req.subset = SubsetOptions {
+                    limit: Some(opts.pool_limit),
+                    per_source_cap: None,
+                    seed,
+                };
+                req.seed = seed;
+                req.values.lora.seed = seed;
+                req.out_dir = out
+                    .join("runs")
+                    .join(format!("{task}-{}-seed{seed}", m.name));
+                p.records.clear();
+                tracing::info!("quality: {task}, {}, seed {seed}", m.name);
+                let o = methods::select_with_details(p, &req)
+                    .with_context(|| format!("quality: {task} {} seed {seed}", m.name))?;
+                let run = QualityRun {
+                    task: task.clone(),
+                    method: m.name.clone(),
+                    seed,
+                    pool_size: o.summary.pool_size,
+                    pool_matching: o.summary.pool_by_source.get(&source).copied().unwrap_or(0),
+                    selected: o.summary.selected,
+                    selected_matching: o
+                        .summary
+                        .selected_by_source
+                        .get(&source)
+                        .copied()
+                        .unwrap_or(0),
+                    percentile: mean_percentile(&o.rows, &source),
+                    wall_seconds: o.summary.wall_seconds,
+                };
+                tracing::info!(
+                    "quality: {task} {} seed {seed}: share {:.3} (pool {:.3}, lift {:.2}), percentile {}",
+                    m.name,
+                    run.share(),
+                    run.pool_share(),
+                    run.lift(),
+                    run.percentile.map_or("—".into(), |x| format!("{x:.3}"))
+                );
+                runs.push(run);
+            }
+        }
+    }
+    write_outputs(&runs, opts, base, out)?;
+    Ok(runs)
+}
+
+/// The per-(task, method) aggregate over seeds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QualityCell {
+    /// Held-out task (`all` for the mean over tasks).
+    pub task: String,
+    /// Method row name.
+    pub method: String,
+    /// Share mean and std over seeds.
+    pub share: (f64, f64),
+    /// Pool share (mean over seeds).
+    pub pool_share: f64,
+    /// Lift mean and std over seeds.
+    pub lift: (f64, f64),
+    /// Percentile mean and std over seeds (None without scores).
+    pub percentile: Option<(f64, f64)>,
+    /// Mean wall seconds.
+    pub wall: f64,
+    /// Runs aggregated.
+    pub n: usize,
+}
+
+/// Aggregates runs per (task, method) in first-seen order, then per method over all tasks.
+pub fn aggregate(runs: &[QualityRun]) -> Vec<QualityCell> {
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for r in runs {
+        let k = (r.task.clone(), r.method.clone());
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    let mut methods: Vec<String> = Vec::new();
+    for r in runs {
+        if !methods.contains(&r.method) {
+            methods.push(r.method.clone());
+        }
+    }
+    let cell = |task: &str, method: &str, group: Vec<&QualityRun>| {
+        let share: Vec<f64> = group.iter().map(|r| r.share()).collect();
+        let lift: Vec<f64> = group.iter().map(|r| r.lift()).collect();
+        let pct: Vec<f64> = group.iter().filter_map(|r| r.percentile).collect();
+        QualityCell {
+            task: task.to_string(),
+            method: method.to_string(),
+            share: mean_std(&share),
+            pool_share: group.iter().map(|r| r.pool_share()).sum::<f64>() / group.len() as f64,
+            lift: mean_std(&lift),
+            percentile: (!pct.is_empty()).then(|| mean_std(&pct)),
+            wall: group.iter().map(|r| r.wall_seconds).sum::<f64>() / group.len() as f64,
+            n: group.len(),
+        }
+    };
+    let mut cells: Vec<QualityCell> = keys
+        .iter()
+        .map(|(t, m)| {
+            cell(
+                t,
+                m,
+                runs.iter()
+                    .filter(|r| &r.task == t && &r.method == m)
+                    .collect(),
+            )
+        })
+        .collect();
+    for m in &methods {
+        cells.push(cell(
+            "all",
+            m,
+            runs.iter().filter(|r| &r.method == m).collect(),
+        ));
+    }
+    cells
+}
+
+fn pm(x: (f64, f64), digits: usize) -> String {
+    format!("{:.*} ± {:.*}", digits, x.0, digits, x.1)
+}
+
+fn write_outputs(
+    runs: &[QualityRun],
+    opts: &QualityOptions,
+    base: &SelectRequest,
+    out: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let cells = aggregate(runs);
+    let mut md = format!(
+        "Held-out source recall: target = {} held-out rows of each FLAN-CoT task; pool = the default mixture \
+         with that task's remaining rows, {} examples sampled per seed; budget {}; model {}; seeds 1..={}.\n\
+         share = fraction of the selection from the held-out task; lift = share / the task's pool share \
+         (1 = random); percentile = mean rank of the task's pool examples under the raw scores (0 = first, 0.5 = random).\n\n\
+         | task | method | share | pool share | lift | percentile | wall s |\n|---|---|---|---|---|---|---|\n",
+        opts.n_target,
+        opts.pool_limit,
+        base.budget,
+        base.model.display(),
+        opts.seeds
+    );
+    for c in &cells {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.3} | {} | {} | {:.0} |",
+            c.task,
+            c.method,
+            pm(c.share, 3),
+            c.pool_share,
+            pm(c.lift, 2),
+            c.percentile.map_or("—".into(), |p| pm(p, 3)),
+            c.wall
+        );
+    }
+    dsel_store::atomic_write(out.join("table.md"), md.into_bytes())?;
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record([
+        "task",
+        "method",
+        "seed",
+        "pool_size",
+        "pool_matching",
+        "selected",
+        "selected_matching",
+        "share",
+        "lift",
+        "percentile",
+        "wall_seconds",
+    ])?;
+    for r in runs {
+        w.write_record([
+            r.task.clone(),
+            r.method.clone(),
+            r.seed.to_string(),
+            r.pool_size.to_string(),
+            r.pool_matching.to_string(),
+            r.selected.to_string(),
+            r.selected_matching.to_string(),
+            format!("{:.6}", r.share()),
+            format!("{:.6}", r.lift()),
+            r.percentile.map_or(String::new(), |p| format!("{p:.6}")),
+            format!("{:.3}", r.wall_seconds),
+        ])?;
+    }
+    dsel_store::atomic_write(out.join("table.csv"), w.into_inner()?)?;
+    dsel_store::atomic_write(out.join("runs.json"), serde_json::to_vec_pretty(runs)?)?;
+    dsel_store::atomic_write(out.join("report.html"), report_html(&cells).into_bytes())?;
+    Ok(())
+}
+
+/// A self-contained page: per task, one bar per method for the lift over
+/// random (a line at 1) and one for the percentile rank (a line at 0.5),
+/// with the seeds' standard deviation as whiskers.
+fn report_html(cells: &[QualityCell]) -> String {
+    let mut tasks: Vec<&str> = Vec::new();
+    for c in cells {
+        if !tasks.contains(&c.task.as_str()) {
+            tasks.push(&c.task);
+        }
+    }
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    let mut html = String::from(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>dsel quality</title>\
+         <style>body{font-family:sans-serif;margin:2em}svg{margin:0 2em 2em 0}text{font-size:11px}</style>\
+         </head><body><h1>Held-out source recall</h1>\
+         <p>Lift = share of the selection from the held-out task ÷ its share of the pool (1 = random). \
+         Percentile = mean rank of the task's examples under the raw scores (0 = first, 0.5 = random).</p>",
+    );
+    let bar_chart = |title: &str, vals: &[(String, f64, f64)], max: f64, reference: f64| {
+        let (w, row) = (420.0, 22.0);
+        let h = 30.0 + row * vals.len() as f64 + 20.0;
+        let x = |v: f64| 120.0 + (v / max).clamp(0.0, 1.0) * (w - 140.0);
+        let mut s = format!(
+            "<svg width=\"{w}\" height=\"{h}\" role=\"img\"><text x=\"0\" y=\"14\" font-weight=\"bold\">{}</text>",
+            esc(title)
+        );
+        for (i, (name, m, sd)) in vals.iter().enumerate() {
+            let y = 26.0 + row * i as f64;
+            let _ = write!(
+                s,
+                "<text x=\"0\" y=\"{}\">{}</text><rect x=\"120\" y=\"{y}\" width=\"{:.1}\" height=\"14\" fill=\"#4a7bd0\"/>\
+                 <line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{}\" y2=\"{}\" stroke=\"#000\"/><text x=\"{:.1}\" y=\"{}\">{m:.2}</text>",
+                y + 11.0,
+                esc(name),
+                x(*m) - 120.0,
+                x(m - sd),
+                x(m + sd),
+                y + 7.0,
+                y + 7.0,
+                x(m + sd) + 4.0,
+                y + 11.0
+            );
+        }
+        let axis_y = 26.0 + row * vals.len() as f64;
+        let _ = write!(
+            s,
+            "<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"22\" y2=\"{axis_y}\" stroke=\"#c00\" stroke-dasharray=\"3\"/>\
+             <text x=\"120\" y=\"{1}\">0</text><text x=\"{2:.1}\" y=\"{1}\">{3:.2}</text><text x=\"{0:.1}\" y=\"{1}\">{4}</text></svg>",
+            x(reference),
+            axis_y + 14.0,
+            x(max) - 20.0,
+            max,
+            reference
+        );
+        s
+    };
+    for t in tasks {
+        let _ = write!(html, "<h2>{}</h2>", esc(t));
+        let of_task: Vec<&QualityCell> = cells.iter().filter(|c| c.task == t).collect();
+        let lifts: Vec<(String, f64, f64)> = of_task
+            .iter()
+            .map(|c| (c.method.clone(), c.lift.0, c.lift.1))
+            .collect();
+        let max_lift = lifts.iter().map(|l| l.1 + l.2).fold(1.5, f64::max);
+        html.push_str(&bar_chart("lift over random", &lifts, max_lift, 1.0));
+        let pcts: Vec<(String, f64, f64)> = of_task
+            .iter()
+            .filter_map(|c| c.percentile.map(|p| (c.method.clone(), p.0, p.1)))
+            .collect();
+        html.push_str(&bar_chart(
+            "mean percentile (lower is better)",
+            &pcts,
+            1.0,
+            0.5,
+        ));
+    }
+    html.push_str("</body></html>\n");
+    html
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(source: &str, score: f64) -> ScoreRow {
+        ScoreRow {
+            id: String::new(),
+            source: source.into(),
+            length: 1,
+            score,
+            rounds: vec![],
+            rank: None,
+        }
+    }
+
+    #[test]
+    fn percentile_is_zero_for_the_top_one_for_the_bottom_and_shares_ties() {
+        let rows = vec![
+            row("a", 3.0),
+            row("b", 2.0),
+            row("a", 1.0),
+            row("b", f64::NAN),
+        ];
+        // a at ranks 0 and 2 of 3 scored rows: percentiles 0 and 1.
+        assert_eq!(mean_percentile(&rows, "a"), Some(0.5));
+        assert_eq!(mean_percentile(&rows, "b"), Some(0.5));
+        let ties = vec![row("a", 1.0), row("b", 1.0), row("b", 0.0)];
+        assert_eq!(mean_percentile(&ties, "a"), Some(0.25));
+        assert_eq!(mean_percentile(&[row("a", f64::NAN)], "a"), None);
+    }
+
+    #[test]
+    fn method_names_take_a_control_suffix_for_tov_only() {
+        let m: QualityMethod = "tov+control".parse().unwrap();
+        assert!(m.control && m.method == Method::Tov);
+        assert!("bm25+control".parse::<QualityMethod>().is_err());
+        assert!(!"less".parse::<QualityMethod>().unwrap().control);
+    }
+}

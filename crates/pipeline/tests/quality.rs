@@ -1,0 +1,80 @@
+//! The quality benchmark's quick variant (what `make quality QUICK=1` runs)
+//! on stories260K: one held-out FLAN-CoT task, a 120-example pool from the
+//! real default mixture. Its counts are checked against the run folders it
+//! wrote, and BM25 (model-free) must find the held-out task.
+
+use dsel_pipeline::methods::{Method, Preset, SelectRequest};
+use dsel_pipeline::quality::{self, QualityOptions};
+use dsel_pipeline::Pipeline;
+use dsel_testkit::data_root;
+
+#[test]
+fn quick_quality_run_counts_the_held_out_source_and_bm25_finds_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut values = Preset::Cpu.values();
+    values.u_size = 24;
+    let base = SelectRequest {
+        task: "mmlu".into(),
+        method: Method::Random,
+        model: dsel_testkit::stories_dir(),
+        pool: "default".into(),
+        subset: Default::default(),
+        budget: dsel_select::Budget::Count(12),
+        values,
+        transform: Default::default(),
+        rule: Default::default(),
+        n_bins: 10,
+        bin_by: Default::default(),
+        sweep: Default::default(),
+        valtune: Default::default(),
+        seed: 0,
+        out_dir: tmp.path().join("unused"),
+        preset: Preset::Cpu,
+        truncation: Default::default(),
+        control: false,
+    };
+    let opts = QualityOptions {
+        tasks: vec!["creak".into()],
+        methods: ["random", "bm25", "tov", "tov+control"]
+            .iter()
+            .map(|m| m.parse().unwrap())
+            .collect(),
+        seeds: 1,
+        n_target: 8,
+        pool_limit: 120,
+    };
+    let out = tmp.path().join("quality");
+    let mut p = Pipeline::new(&tmp.path().join("cache"), &data_root()).unwrap();
+    let runs = quality::run(&mut p, &base, &opts, &out).unwrap();
+    assert_eq!(runs.len(), 4);
+    for r in &runs {
+        // Recount the held-out source in the selection the run wrote.
+        let dir = out.join("runs").join(format!("creak-{}-seed1", r.method));
+        let sel = std::fs::read_to_string(dir.join("selection.jsonl")).unwrap();
+        let matching = sel
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["source"]
+                    == "flan_v2_cot/creak"
+            })
+            .count();
+        assert_eq!(r.selected_matching, matching, "{}", r.method);
+        assert_eq!(r.selected, sel.lines().count());
+        assert!(
+            r.pool_matching > 0,
+            "the pool holds the task's remaining rows"
+        );
+        assert_eq!(r.percentile.is_none(), r.method == "random");
+    }
+    let bm25 = &runs[1];
+    assert!(bm25.lift() > 2.0, "bm25 finds the held-out task: {bm25:?}");
+    assert!(bm25.percentile.unwrap() < 0.3, "{bm25:?}");
+    for f in ["table.md", "table.csv", "runs.json", "report.html"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    let md = std::fs::read_to_string(out.join("table.md")).unwrap();
+    assert!(
+        md.contains("| creak | tov+control |") && md.contains("| all | bm25 |"),
+        "{md}"
+    );
+}
