@@ -97,6 +97,10 @@ pub struct QualityRun {
     pub percentile: Option<f64>,
     /// Wall seconds of the selection run.
     pub wall_seconds: f64,
+    /// ToV only: the mean percentile of the task's examples under other
+    /// scores computed from the same sweeps ([`tov_variants`]), by name.
+    #[serde(default)]
+    pub variants: Vec<(String, f64)>,
 }
 
 impl QualityRun {
@@ -168,6 +172,9 @@ pub fn prepare_task(
     n_target: usize,
     dir: &Path,
 ) -> Result<(PathBuf, PathBuf, String)> {
+    // Mixture entries are resolved under the data root: write absolute paths.
+    let data_root = &std::fs::canonicalize(data_root)
+        .with_context(|| format!("data root {}", data_root.display()))?;
     let flan = data_root.join("pools/flan_v2_cot");
     let file = flan.join(format!("{task}_train.tsv"));
     let text =
@@ -286,6 +293,11 @@ pub fn run(
                         .unwrap_or(0),
                     percentile: mean_percentile(&o.rows, &source),
                     wall_seconds: o.summary.wall_seconds,
+                    variants: if matches!(m.method, Method::Tov | Method::TovB) {
+                        tov_variants(p, &o.summary.stages, &o.rows, &source)?
+                    } else {
+                        Vec::new()
+                    },
                 };
                 tracing::info!(
                     "quality: {task} {} seed {seed}: share {:.3} (pool {:.3}, lift {:.2}), percentile {}",
@@ -301,6 +313,112 @@ pub fn run(
     }
     write_outputs(&runs, opts, base, out)?;
     Ok(runs)
+}
+
+/// ToV diagnosis from the stage outputs of a finished round-1 run: the mean
+/// percentile of `source`'s candidates (those with a finite score, i.e.
+/// outside U) under variants of the score, each a function of the per-token
+/// Δ_t = log p_val − log p_bas (and Δ_ctl of the control fine-tune, when the
+/// run had one):
+///
+/// * `mean` (the default, F = identity), `mean|Δ|` (F = abs), `mean relu`;
+/// * `mean, no last 2` — the last two label tokens (the end-of-turn marker of
+///   a chat template) left out, `last 2 only`;
+/// * `sum` — Σ_t instead of the mean (mostly completion length);
+/// * `mean − ctl` — the control-corrected score, and `mean − ctl, no last 2`.
+pub fn tov_variants(
+    p: &Pipeline,
+    stages: &[dsel_select::StageRecord],
+    rows: &[ScoreRow],
+    source: &str,
+) -> Result<Vec<(String, f64)>> {
+    let dir = |stage: &str, label: &str| -> Option<PathBuf> {
+        stages
+            .iter()
+            .find(|r| r.stage == stage && r.label == label)
+            .map(|r| p.store.root().join(stage).join(&r.key))
+    };
+    let (Some(tok), Some(bas), Some(val)) = (
+        dir("tokenize", "pool"),
+        dir("sweep", "base round 1"),
+        dir("sweep", "val round 1"),
+    ) else {
+        return Ok(Vec::new());
+    };
+    let set = dsel_tokenize::TokenizedSet::open(&tok)?;
+    let lb = dsel_sweep::SweepResult::open(&bas)?;
+    let lv = dsel_sweep::SweepResult::open(&val)?;
+    let (lb, lv) = (lb.logp()?, lv.logp()?);
+    let ctl_res = dir("sweep", "control round 1")
+        .map(|d| dsel_sweep::SweepResult::open(&d))
+        .transpose()?;
+    let lc = ctl_res.as_ref().map(|r| r.logp()).transpose()?;
+    let offsets = set.offsets();
+    type Variant = (&'static str, fn(&[f64], &[f64]) -> f64);
+    fn m(v: &[f64]) -> f64 {
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    }
+    fn head(v: &[f64]) -> &[f64] {
+        &v[..v.len().saturating_sub(2)]
+    }
+    fn tail(v: &[f64]) -> &[f64] {
+        &v[v.len().saturating_sub(2)..]
+    }
+    let mut variants: Vec<Variant> = vec![
+        ("mean", |d, _| m(d)),
+        ("mean|Δ|", |d, _| {
+            m(&d.iter().map(|x| x.abs()).collect::<Vec<_>>())
+        }),
+        ("mean relu", |d, _| {
+            m(&d.iter().map(|x| x.max(0.0)).collect::<Vec<_>>())
+        }),
+        ("mean, no last 2", |d, _| m(head(d))),
+        ("last 2 only", |d, _| m(tail(d))),
+        ("sum", |d, _| d.iter().sum()),
+    ];
+    if lc.is_some() {
+        variants.push(("mean − ctl", |d, c| m(d) - m(c)));
+        variants.push(("mean − ctl, no last 2", |d, c| m(head(d)) - m(head(c))));
+    }
+    let mut scores = vec![vec![f64::NAN; rows.len()]; variants.len()];
+    for (i, row) in rows.iter().enumerate() {
+        if !row.score.is_finite() {
+            continue; // U: not a candidate
+        }
+        let (a, b) = (offsets[i] as usize, offsets[i + 1] as usize);
+        let mask = &set.example(i).1;
+        let (mut d, mut c) = (Vec::new(), Vec::new());
+        for t in 1..(b - a) {
+            if mask[t] == 1 {
+                d.push(lv[a + t] as f64 - lb[a + t] as f64);
+                if let Some(lc) = lc {
+                    c.push(lc[a + t] as f64 - lb[a + t] as f64);
+                }
+            }
+        }
+        for (k, (_, f)) in variants.iter().enumerate() {
+            scores[k][i] = f(&d, &c);
+        }
+    }
+    Ok(variants
+        .iter()
+        .zip(scores)
+        .filter_map(|((name, _), sc)| {
+            let rs: Vec<ScoreRow> = rows
+                .iter()
+                .zip(sc)
+                .map(|(r, s)| ScoreRow {
+                    score: s,
+                    ..r.clone()
+                })
+                .collect();
+            mean_percentile(&rs, source).map(|p| (name.to_string(), p))
+        })
+        .collect())
 }
 
 /// The per-(task, method) aggregate over seeds.
@@ -446,7 +564,55 @@ fn write_outputs(
     dsel_store::atomic_write(out.join("table.csv"), w.into_inner()?)?;
     dsel_store::atomic_write(out.join("runs.json"), serde_json::to_vec_pretty(runs)?)?;
     dsel_store::atomic_write(out.join("report.html"), report_html(&cells).into_bytes())?;
+    dsel_store::atomic_write(out.join("diagnosis.md"), diagnosis_md(runs).into_bytes())?;
     Ok(())
+}
+
+/// ToV's score variants ([`tov_variants`]): the mean percentile of the
+/// held-out task's candidates per (task, ToV row), mean ± std over seeds.
+fn diagnosis_md(runs: &[QualityRun]) -> String {
+    let mut names: Vec<String> = Vec::new();
+    for r in runs {
+        for (n, _) in &r.variants {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
+    }
+    let mut md = String::from(
+        "ToV score variants from the same sweeps: mean percentile rank of the held-out task's \
+         candidates (0 = ranked first, 0.5 = random), mean ± std over seeds.\n\n| task | method |",
+    );
+    for n in &names {
+        let _ = write!(md, " {n} |");
+    }
+    md.push_str("\n|---|---|");
+    md.push_str(&"---|".repeat(names.len()));
+    md.push('\n');
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for r in runs.iter().filter(|r| !r.variants.is_empty()) {
+        let k = (r.task.clone(), r.method.clone());
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    for (t, m) in keys {
+        let _ = write!(md, "| {t} | {m} |");
+        for n in &names {
+            let v: Vec<f64> = runs
+                .iter()
+                .filter(|r| r.task == t && r.method == m)
+                .filter_map(|r| r.variants.iter().find(|(k, _)| k == n).map(|x| x.1))
+                .collect();
+            if v.is_empty() {
+                md.push_str(" — |");
+            } else {
+                let _ = write!(md, " {} |", pm(mean_std(&v), 3));
+            }
+        }
+        md.push('\n');
+    }
+    md
 }
 
 /// A self-contained page: per task, one bar per method for the lift over

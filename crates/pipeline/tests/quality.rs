@@ -77,4 +77,23 @@ fn quick_quality_run_counts_the_held_out_source_and_bm25_finds_it() {
         md.contains("| creak | tov+control |") && md.contains("| all | bm25 |"),
         "{md}"
     );
+    // ToV's diagnosis: the default variant is the stored score, recomputed
+    // from the sweeps; the control run also has the control-corrected ones.
+    let tov = &runs[2];
+    assert_eq!(tov.variants[0].0, "mean");
+    assert!(
+        (tov.variants[0].1 - tov.percentile.unwrap()).abs() < 1e-9,
+        "{tov:?}"
+    );
+    let ctl = &runs[3];
+    let corrected = ctl
+        .variants
+        .iter()
+        .find(|(n, _)| n == "mean − ctl")
+        .unwrap();
+    assert!(
+        (corrected.1 - ctl.percentile.unwrap()).abs() < 1e-9,
+        "the control run's score is mean − ctl: {ctl:?}"
+    );
+    assert!(out.join("diagnosis.md").exists());
 }
