@@ -266,9 +266,15 @@ struct TrainOnlineArgs {
     /// Candidate batch size B.
     #[arg(long, default_value_t = 8)]
     candidates: usize,
-    /// Examples trained per step k (default B/2).
+    /// Examples trained per step k (default B/2; UDS: --uds-keep).
     #[arg(long)]
     k: Option<usize>,
+    /// UDS: candidates kept per step as kept/of when --k is not given (reference 1/4).
+    #[arg(long, default_value = "1/4")]
+    uds_keep: dsel_pipeline::online::KeepRatio,
+    /// GREATS: validation examples sampled per step (reference 2).
+    #[arg(long, default_value_t = 2)]
+    greats_val: usize,
     /// Peak learning rate.
     #[arg(long, default_value_t = 2e-4)]
     lr: f64,
@@ -574,6 +580,7 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
     if let Err(e) = run() {
@@ -745,6 +752,8 @@ fn run() -> Result<()> {
             cfg.steps = a.steps;
             cfg.candidates = a.candidates;
             cfg.k = a.k;
+            cfg.selector.set_uds_keep(a.uds_keep);
+            cfg.selector.set_greats_val_per_step(a.greats_val);
             cfg.lr = a.lr;
             cfg.seed = a.seed;
             let (adapter, report) =
