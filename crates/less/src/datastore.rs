@@ -5,8 +5,10 @@
 //! f16 `.npy` `[N, d]`, one file per checkpoint.
 //!
 //! Work is cut into units (checkpoint, shard of `shard_examples` examples).
-//! A finished unit is written atomically to the scratch folder, so a killed
-//! build resumes at the first missing unit. Each unit's computation depends
+//! A finished unit is written atomically to the scratch folder with its
+//! blake3 beside it ([`dsel_store::write_npy_sealed`]), so a killed build
+//! resumes at the first missing unit; a unit whose bytes no longer match its
+//! recorded blake3 is recomputed (with a warning), never assembled. Each unit's computation depends
 //! only on its own examples and the fixed configuration (batches are planned
 //! inside the shard), so a resumed build, or shards computed by several
 //! workers ([`ShardSel`], `i/N`: shard `s` belongs to worker `s mod N`) whose
@@ -221,7 +223,11 @@ fn shard_path(scratch: &Path, epoch: usize, s: usize) -> PathBuf {
         .join(format!("shard-{s:06}.npy"))
 }
 
-fn read_shard(path: &Path, rows: usize, d: usize) -> Option<NpyArray> {
+/// The unit at `path` when it matches its recorded blake3 and is f16 `[rows, d]`.
+fn read_shard(path: &Path, rows: usize, d: usize, label: &str) -> Option<NpyArray> {
+    if !dsel_store::trust_sealed(path, &format!("LESS {label}")) {
+        return None;
+    }
     let a = NpyArray::open(path).ok()?;
     (a.shape() == [rows, d] && a.dtype() == dsel_store::DType::F16).then_some(a)
 }
@@ -400,20 +406,22 @@ pub fn build(
     );
     bar.set_message(format!("LESS {}", opts.label));
     let mut computed_examples = 0usize;
+    // Per checkpoint (in order, as far as this call got), which units are finished.
+    let mut present: Vec<Vec<bool>> = Vec::with_capacity(ckpts.len());
     'outer: for ck in ckpts {
+        let ci = present.len();
+        present.push(
+            (0..n_shards)
+                .map(|s| {
+                    let path = shard_path(scratch, ck.epoch, s);
+                    read_shard(&path, range_of(s).len(), cfg.d, &opts.label).is_some()
+                })
+                .collect(),
+        );
         let todo: Vec<usize> = (0..n_shards)
-            .filter(|&s| {
-                opts.shard.owns(s)
-                    && read_shard(&shard_path(scratch, ck.epoch, s), range_of(s).len(), cfg.d)
-                        .is_none()
-            })
+            .filter(|&s| opts.shard.owns(s) && !present[ci][s])
             .collect();
-        let present = (0..n_shards)
-            .filter(|&s| {
-                read_shard(&shard_path(scratch, ck.epoch, s), range_of(s).len(), cfg.d).is_some()
-            })
-            .count();
-        report.units_resumed += present;
+        report.units_resumed += present[ci].iter().filter(|&&p| p).count();
         bar.inc(
             (0..n_shards)
                 .filter(|s| !todo.contains(s) && opts.shard.owns(*s))
@@ -457,11 +465,12 @@ pub fn build(
                     opts.label, ck.epoch, range.start, range.end
                 )
             })?;
-            dsel_store::write_npy(
+            dsel_store::write_npy_sealed(
                 shard_path(scratch, ck.epoch, s),
                 &[range.len(), cfg.d],
                 &feats,
             )?;
+            present[ci][s] = true;
             report.units_computed += 1;
             computed_examples += range.len();
             bar.inc(range.len() as u64);
@@ -473,24 +482,24 @@ pub fn build(
         model.load_lora(&ckpts[0].adapter)?;
         report.params = model.lora_num_params();
     }
-    let all_present = ckpts.iter().all(|ck| {
-        (0..n_shards).all(|s| {
-            read_shard(&shard_path(scratch, ck.epoch, s), range_of(s).len(), cfg.d).is_some()
-        })
-    });
+    let all_present =
+        present.len() == ckpts.len() && present.iter().all(|units| units.iter().all(|&p| p));
     if all_present {
         if let Some(out) = out {
             for ck in ckpts {
                 let path = out.join(features_file(ck.epoch));
                 let mut w = NpyWriter::<f16>::create(&path, &[cfg.d])?;
                 for s in 0..n_shards {
-                    let a = read_shard(&shard_path(scratch, ck.epoch, s), range_of(s).len(), cfg.d)
-                        .with_context(|| {
+                    // Verified again as it is assembled.
+                    let path = shard_path(scratch, ck.epoch, s);
+                    let a = read_shard(&path, range_of(s).len(), cfg.d, &opts.label).with_context(
+                        || {
                             format!(
-                                "LESS {}: shard {s} of epoch {} vanished",
+                                "LESS {}: shard {s} of epoch {} vanished or is corrupt",
                                 opts.label, ck.epoch
                             )
-                        })?;
+                        },
+                    )?;
                     w.write(a.as_slice::<f16>()?)?;
                 }
                 w.finish()?;

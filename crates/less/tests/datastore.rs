@@ -380,3 +380,64 @@ fn matching_equals_brute_force() {
     }
     assert!(matching::checkpoint_weights(&[0.0, 0.0]).is_err());
 }
+
+#[test]
+fn corrupted_unit_of_the_same_size_is_recomputed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpts = checkpoints(tmp.path());
+    let set = examples(12, 6);
+    let c = cfg(64);
+    let run = |scratch: &Path, out: &Path| {
+        std::fs::create_dir_all(out).unwrap();
+        build(
+            &mut base_model(),
+            &set,
+            &ckpts,
+            GradientKind::Adam,
+            &c,
+            scratch,
+            Some(out),
+            &BuildOptions::default(),
+        )
+        .unwrap()
+    };
+    let (s_one, one) = (tmp.path().join("s-one"), tmp.path().join("one"));
+    assert_eq!(run(&s_one, &one).units_computed, 6);
+
+    // A copy of the finished units (files and recorded blake3), one of which
+    // then changes on disk at the same size: still f16 [5, 64].
+    let s_bad = tmp.path().join("s-bad");
+    for e in [1, 2] {
+        let (from, to) = (
+            s_one.join(format!("epoch-{e}")),
+            s_bad.join(format!("epoch-{e}")),
+        );
+        std::fs::create_dir_all(&to).unwrap();
+        for f in std::fs::read_dir(&from).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+        }
+    }
+    let unit = s_bad.join("epoch-2").join("shard-000001.npy");
+    let mut bytes = std::fs::read(&unit).unwrap();
+    let n = bytes.len();
+    bytes[n - 2] ^= 0x01; // the low byte of the last f16
+    std::fs::write(&unit, &bytes).unwrap();
+    assert_eq!(
+        dsel_store::NpyArray::open(&unit).unwrap().shape(),
+        [5usize, 64]
+    );
+
+    let bad = tmp.path().join("bad");
+    let r = run(&s_bad, &bad);
+    assert_eq!((r.units_resumed, r.units_computed), (5, 1), "{r:?}");
+    assert!(r.complete);
+    for e in [1, 2] {
+        let (a, b) = (
+            std::fs::read(one.join(features_file(e))).unwrap(),
+            std::fs::read(bad.join(features_file(e))).unwrap(),
+        );
+        assert!(a == b, "epoch {e}: a corrupted unit was assembled");
+    }
+    assert!(dsel_store::check_sealed(&unit).is_valid());
+}

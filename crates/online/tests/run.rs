@@ -218,3 +218,52 @@ fn a_killed_run_resumes_to_the_same_steps_and_adapter() {
         assert_eq!(adapter, a_full, "{kind:?}: resumed adapter differs");
     }
 }
+
+#[test]
+fn damaged_selector_state_is_not_resumed() {
+    // UDS: the saved state holds its buffer and the step log so far.
+    let kind = SelectorKind::Uds;
+    let c = cfg(kind, 14, 4, None, 3);
+    let (s_full, a_full, _) = run(kind, DType::F32, &c);
+    let raw = tiny_raw(&tiny_config(37), 1, DType::F32);
+    let pool = examples(40, 37, 3, 10, 100);
+    let val = examples(5, 37, 4, 10, 200);
+    let dir = tempfile::tempdir().unwrap();
+    let (scratch, out) = (dir.path().join("scratch"), dir.path().join("out"));
+    let mut m = Model::new(&raw).unwrap();
+    dsel_online::run_online_interruptible(&mut m, &pool, &val, &c, &scratch, &out, Some(13))
+        .unwrap_err();
+    // Same size, still valid JSON: one digit of the first logged loss.
+    let state = scratch.join("train-checkpoints").join(format!(
+        "online-state-{:08}.json",
+        dsel_online::CHECKPOINT_EVERY
+    ));
+    let text = std::fs::read_to_string(&state).unwrap();
+    let at = text.find("\"loss\":").unwrap() + "\"loss\":".len();
+    let digit = text[at..].find(|c: char| c.is_ascii_digit()).unwrap() + at;
+    let mut bytes = text.clone().into_bytes();
+    bytes[digit] = if bytes[digit] == b'9' {
+        b'8'
+    } else {
+        bytes[digit] + 1
+    };
+    std::fs::write(&state, &bytes).unwrap();
+
+    let mut m = Model::new(&raw).unwrap();
+    let rep = run_online(&mut m, &pool, &val, &c, &scratch, &out).unwrap();
+    assert_eq!(rep.train.resumed_from_step, None, "damaged state resumed");
+    // Recomputed: the same steps and adapter as an uninterrupted run.
+    let steps: Vec<StepRecord> = std::fs::read_to_string(out.join("steps.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(steps.len(), s_full.len());
+    for (x, y) in steps.iter().zip(&s_full) {
+        assert_eq!((x.step, &x.chosen, x.loss), (y.step, &y.chosen, y.loss));
+    }
+    assert_eq!(
+        std::fs::read(out.join("adapter.safetensors")).unwrap(),
+        a_full
+    );
+}

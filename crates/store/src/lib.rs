@@ -9,6 +9,9 @@
 //!   [`Store::verify_all`], [`Store::gc`] back the `dsel cache` commands.
 //! * `.npy` arrays ([`NpyWriter`], [`write_npy`], [`NpyArray`]) and Parquet
 //!   tables ([`write_parquet`], [`read_parquet`]); [`atomic_write`].
+//! * Sealed scratch files ([`write_sealed`], [`write_npy_sealed`],
+//!   [`check_sealed`]): resumable partial state with a blake3 beside each
+//!   file, checked before a resumed build trusts it.
 //!
 //! ```no_run
 //! use dsel_store::{Store, StageSpec, write_npy};
@@ -30,6 +33,7 @@ mod fsutil;
 pub mod key;
 mod manifest;
 mod npy;
+mod sealed;
 mod store;
 mod table;
 
@@ -37,6 +41,10 @@ pub use fsutil::{atomic_write, process_cpu_seconds, rfc3339_utc};
 pub use key::{canonical_json, validate_stage_name, ArtifactKey, StageSpec};
 pub use manifest::{hash_file, FileEntry, Manifest, MANIFEST_FILE, MANIFEST_FORMAT};
 pub use npy::{read_npy, write_npy, DType, NpyArray, NpyElement, NpyWriter};
+pub use sealed::{
+    check_sealed, digest_path, is_digest_file, remove_sealed, seal_file, trust_sealed,
+    write_npy_sealed, write_sealed, Seal, DIGEST_SUFFIX,
+};
 pub use store::{
     default_cache_root, Artifact, ArtifactSummary, Builder, GcItem, GcKind, GcOptions, GcReport,
     Outcome, Problem, Store, VerifyReport,

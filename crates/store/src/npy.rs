@@ -230,7 +230,15 @@ fn checked_product(shape: &[usize]) -> Option<usize> {
 /// Writes a whole array to `path` atomically (temp file + rename).
 /// `shape` must multiply to `data.len()`.
 pub fn write_npy<T: NpyElement>(path: impl AsRef<Path>, shape: &[usize], data: &[T]) -> Result<()> {
-    let path = path.as_ref();
+    write_npy_hashed(path.as_ref(), shape, data).map(drop)
+}
+
+/// [`write_npy`], returning the blake3 and size of the bytes written.
+pub(crate) fn write_npy_hashed<T: NpyElement>(
+    path: &Path,
+    shape: &[usize],
+    data: &[T],
+) -> Result<(blake3::Hash, u64)> {
     let n = checked_product(shape)
         .with_context(|| format!("{}: shape {shape:?} overflows", path.display()))?;
     if n != data.len() {
@@ -241,16 +249,21 @@ pub fn write_npy<T: NpyElement>(path: impl AsRef<Path>, shape: &[usize], data: &
         );
     }
     let header = encode_header(&header_dict(T::DTYPE, &shape_literal(shape)), 0);
+    let body = le_bytes(data);
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&header);
+    hasher.update(&body);
     let mut tmp = TempFile::create(path)?;
     let tmp_path = tmp.tmp_path().to_path_buf();
     let mut w = BufWriter::with_capacity(1 << 20, tmp.file());
     w.write_all(&header)
-        .and_then(|_| w.write_all(&le_bytes(data)))
+        .and_then(|_| w.write_all(&body))
         .and_then(|_| w.flush())
         .with_context(|| format!("writing {}", tmp_path.display()))?;
     drop(w);
     tmp.persist()
-        .with_context(|| format!("writing {}", path.display()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok((hasher.finalize(), hasher.count()))
 }
 
 /// Streaming `.npy` writer: rows are appended with [`NpyWriter::write`]

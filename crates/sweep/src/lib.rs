@@ -7,9 +7,12 @@
 //! (f32, one per example).
 //!
 //! Work is split into fixed shards of examples; each finished shard is
-//! written atomically to a scratch folder, so a killed sweep resumes at the
+//! written atomically to a scratch folder with its blake3 beside it
+//! ([`dsel_store::write_npy_sealed`]), so a killed sweep resumes at the
 //! first missing shard and, since each shard's computation depends only on
-//! its own examples, ends byte-identical to an uninterrupted run. Inside a
+//! its own examples, ends byte-identical to an uninterrupted run. A shard
+//! whose bytes no longer match its recorded blake3 is recomputed (with a
+//! warning), never folded into the artifact. Inside a
 //! shard, examples are batched by length under a token budget to keep
 //! padding low.
 
@@ -132,7 +135,11 @@ fn sweep_shard(
     Ok((logp, loss))
 }
 
-fn read_shard(path: &Path, expect: usize) -> Option<Vec<f32>> {
+/// The shard's values when it matches its recorded blake3 and has `expect` values.
+fn read_shard(path: &Path, expect: usize, label: &str) -> Option<Vec<f32>> {
+    if !dsel_store::trust_sealed(path, &format!("sweep {label}")) {
+        return None;
+    }
     let arr = NpyArray::open(path).ok()?;
     let v = arr.as_slice::<f32>().ok()?;
     (v.len() == expect).then(|| v.to_vec())
@@ -179,8 +186,8 @@ pub fn run(
             shard_path(scratch, s, "logp"),
             shard_path(scratch, s, "loss"),
         );
-        let done = read_shard(&lp_path, shard_tokens).is_some()
-            && read_shard(&loss_path, range.len()).is_some();
+        let done = read_shard(&lp_path, shard_tokens, label).is_some()
+            && read_shard(&loss_path, range.len(), label).is_some();
         if done {
             report.shards_resumed += 1;
         } else {
@@ -190,9 +197,9 @@ pub fn run(
                     range.start, range.end
                 )
             })?;
-            // The loss file is written last: its presence marks the shard finished.
-            dsel_store::write_npy(&lp_path, &[lp.len()], &lp)?;
-            dsel_store::write_npy(&loss_path, &[loss.len()], &loss)?;
+            // Each file with its blake3; a shard is finished when both verify.
+            dsel_store::write_npy_sealed(&lp_path, &[lp.len()], &lp)?;
+            dsel_store::write_npy_sealed(&loss_path, &[loss.len()], &loss)?;
             computed_tokens += shard_tokens as u64;
             tracing::debug!("sweep {label}: shard {}/{} done", s + 1, n_shards);
         }
@@ -205,9 +212,9 @@ pub fn run(
     for s in 0..n_shards {
         let range = s * cfg.shard_examples..((s + 1) * cfg.shard_examples).min(n);
         let shard_tokens = (offsets[range.end] - offsets[range.start]) as usize;
-        let lp = read_shard(&shard_path(scratch, s, "logp"), shard_tokens)
+        let lp = read_shard(&shard_path(scratch, s, "logp"), shard_tokens, label)
             .with_context(|| format!("sweep {label}: shard {s} vanished or is corrupt"))?;
-        let loss = read_shard(&shard_path(scratch, s, "loss"), range.len())
+        let loss = read_shard(&shard_path(scratch, s, "loss"), range.len(), label)
             .with_context(|| format!("sweep {label}: shard {s} vanished or is corrupt"))?;
         logp_w.write(&lp)?;
         loss_w.write(&loss)?;

@@ -17,8 +17,8 @@ fn data_root() -> PathBuf {
         })
 }
 
-#[test]
-fn killed_sweep_resumes_to_identical_bytes() {
+/// stories260K, a 23-example tokenized set in `tmp/set` and a 5-example shard config.
+fn setup(tmp: &std::path::Path) -> (Model, TokenizedSet, SweepConfig) {
     let raw = dsel_model::load(&data_root().join("models/stories260K/hf"), &Device::Cpu).unwrap();
     let model = Model::new(&raw).unwrap();
     let tok = raw.tokenizer.clone().unwrap();
@@ -48,8 +48,7 @@ fn killed_sweep_resumes_to_identical_bytes() {
             references: vec![],
         })
         .collect();
-    let tmp = tempfile::tempdir().unwrap();
-    let set_dir = tmp.path().join("set");
+    let set_dir = tmp.join("set");
     std::fs::create_dir_all(&set_dir).unwrap();
     tokenize_to_dir(
         &tok,
@@ -69,6 +68,28 @@ fn killed_sweep_resumes_to_identical_bytes() {
         batch_tokens: 200,
         max_batch: 4,
     };
+    (model, set, cfg)
+}
+
+/// Copies shards `shards` (both files and their recorded blake3) from one scratch folder to another.
+fn copy_shards(from: &std::path::Path, to: &std::path::Path, shards: std::ops::Range<usize>) {
+    std::fs::create_dir_all(to).unwrap();
+    for s in shards {
+        for what in ["logp", "loss"] {
+            for f in [
+                format!("shard-{s:06}.{what}.npy"),
+                format!("shard-{s:06}.{what}.npy.blake3"),
+            ] {
+                std::fs::copy(from.join(&f), to.join(&f)).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn killed_sweep_resumes_to_identical_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, set, cfg) = setup(tmp.path());
 
     // Uninterrupted run.
     let (s1, o1) = (tmp.path().join("s1"), tmp.path().join("o1"));
@@ -78,14 +99,8 @@ fn killed_sweep_resumes_to_identical_bytes() {
 
     // "Killed" run: only the first two shards survived in its scratch folder.
     let (s2, o2) = (tmp.path().join("s2"), tmp.path().join("o2"));
-    std::fs::create_dir_all(&s2).unwrap();
     std::fs::create_dir_all(&o2).unwrap();
-    for s in 0..2 {
-        for what in ["logp", "loss"] {
-            let f = format!("shard-{s:06}.{what}.npy");
-            std::fs::copy(s1.join(&f), s2.join(&f)).unwrap();
-        }
-    }
+    copy_shards(&s1, &s2, 0..2);
     // A half-written shard (logp without its loss marker) is recomputed, not trusted.
     std::fs::write(s2.join("shard-000002.logp.npy"), b"garbage").unwrap();
     let r2 = dsel_sweep::run(&model, &set, &cfg, &s2, &o2, "resumed").unwrap();
@@ -121,4 +136,52 @@ fn killed_sweep_resumes_to_identical_bytes() {
         .sum::<f64>()
         / mask.iter().skip(1).filter(|&&m| m == 1).count() as f64;
     assert!((res.loss().unwrap()[7] as f64 - loss).abs() < 1e-4);
+}
+
+#[test]
+fn corrupted_shard_of_the_same_size_is_recomputed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, set, cfg) = setup(tmp.path());
+    let (s1, o1) = (tmp.path().join("s1"), tmp.path().join("o1"));
+    std::fs::create_dir_all(&o1).unwrap();
+    dsel_sweep::run(&model, &set, &cfg, &s1, &o1, "full").unwrap();
+
+    // Three finished shards survive a kill; then the bytes of two of them
+    // change on disk without changing their size (the shape still checks).
+    let (s2, o2) = (tmp.path().join("s2"), tmp.path().join("o2"));
+    std::fs::create_dir_all(&o2).unwrap();
+    copy_shards(&s1, &s2, 0..3);
+    for f in ["shard-000001.logp.npy", "shard-000002.loss.npy"] {
+        let p = s2.join(f);
+        let mut bytes = std::fs::read(&p).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x55;
+        std::fs::write(&p, &bytes).unwrap();
+        assert_eq!(
+            dsel_store::NpyArray::open(&p).unwrap().shape(),
+            dsel_store::NpyArray::open(s1.join(f)).unwrap().shape()
+        );
+    }
+    let r2 = dsel_sweep::run(&model, &set, &cfg, &s2, &o2, "resumed").unwrap();
+    assert_eq!(r2.shards_resumed, 1, "only shard 0 is intact");
+    // The committed arrays are the uninterrupted run's, byte for byte.
+    for f in ["logp.npy", "loss.npy"] {
+        let (a, b) = (
+            std::fs::read(o1.join(f)).unwrap(),
+            std::fs::read(o2.join(f)).unwrap(),
+        );
+        assert_eq!(
+            blake3::hash(&a),
+            blake3::hash(&b),
+            "{f}: a corrupted shard was folded in"
+        );
+    }
+    // The recomputed shards were rewritten with fresh digests.
+    for f in ["shard-000001.logp.npy", "shard-000002.loss.npy"] {
+        assert!(dsel_store::check_sealed(s2.join(f)).is_valid(), "{f}");
+        assert_eq!(
+            std::fs::read(s2.join(f)).unwrap(),
+            std::fs::read(s1.join(f)).unwrap()
+        );
+    }
 }

@@ -296,6 +296,14 @@ impl AdamW {
     /// metadata `format` = [`ADAMW_FORMAT`], `step` (decimal), `var_steps` and
     /// `names` (JSON arrays in variable order) and `config` (JSON).
     pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes = self
+            .state_bytes()
+            .with_context(|| format!("serialising AdamW state for {}", path.display()))?;
+        write_atomic(path, &bytes)
+    }
+
+    /// The bytes [`AdamW::save`] writes.
+    pub(crate) fn state_bytes(&self) -> Result<Vec<u8>> {
         let mut tensors = Vec::with_capacity(2 * self.vars.len());
         for (i, (name, _)) in self.vars.iter().enumerate() {
             tensors.push((format!("{name}.exp_avg"), self.m[i].clone()));
@@ -311,9 +319,7 @@ impl AdamW {
         );
         meta.insert("names".to_string(), serde_json::to_string(&names)?);
         meta.insert("config".to_string(), serde_json::to_string(&self.cfg)?);
-        let bytes = safetensors_bytes(&tensors, meta)
-            .with_context(|| format!("serialising AdamW state for {}", path.display()))?;
-        write_atomic(path, &bytes)
+        safetensors_bytes(&tensors, meta)
     }
 
     /// Restores the state saved by [`AdamW::save`]. Every variable must have

@@ -31,9 +31,11 @@
 //! (epoch, next micro-batch in the epoch, optimizer step, micro-step), the
 //! statistics accumulated so far and a fingerprint of the run (configuration,
 //! number of examples, variable names, shapes, dtypes and initial values).
-//! Every file is written atomically (temporary file + rename) and the files of
-//! older checkpoints are deleted only after the new `checkpoint.json` is in
-//! place, so a run killed at any point leaves a valid checkpoint.
+//! Every file is written atomically (temporary file + rename) with its blake3
+//! recorded beside it (`<file>.blake3`, see [`dsel_store::write_sealed`]),
+//! and the files of older checkpoints are deleted only after the new
+//! `checkpoint.json` is in place, so a run killed at any point leaves a
+//! valid checkpoint.
 //! Checkpoints are taken only at optimizer-step boundaries, so no partial
 //! gradient accumulation is ever saved: a run killed inside an accumulation
 //! window redoes that window's micro-batches.
@@ -41,7 +43,10 @@
 //! When [`train`] starts and `checkpoint.json` exists with the same
 //! fingerprint, variables and optimizer are restored and training continues
 //! from the recorded position; with a different fingerprint the checkpoint is
-//! ignored (and replaced by the first new one). Given a deterministic loss
+//! ignored (and replaced by the first new one). A checkpoint whose files do
+//! not match their recorded blake3 (or have none), or whose caller state
+//! [`TrainHooks::can_resume`] rejects, is ignored too, with a warning: the
+//! run starts over rather than continue from damaged state. Given a deterministic loss
 //! function (using [`StepContext::dropout_seed`] for its randomness), the final
 //! variables and moments of a killed-and-resumed run are bit-identical to an
 //! uninterrupted run's. A run that already finished returns its report without
@@ -58,7 +63,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::adamw::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator};
 use crate::error::TrainError;
-use crate::io::{read_safetensors, safetensors_bytes, write_atomic, Fnv64, TMP_PREFIX};
+use crate::io::{read_safetensors, safetensors_bytes, Fnv64, TMP_PREFIX};
 use crate::schedule::{batches, dropout_seed, epoch_order, LinearSchedule};
 
 /// Name of the checkpoint index file inside `ckpt_dir`.
@@ -313,6 +318,15 @@ pub trait TrainHooks {
         Ok(())
     }
 
+    /// Called before the loop restores the checkpoint in `dir` at position
+    /// `step`: return `false` when the state saved by
+    /// [`TrainHooks::before_checkpoint`] for it is missing or damaged, and
+    /// the run starts from scratch instead (the hook logs why).
+    fn can_resume(&mut self, step: u64, dir: &Path) -> Result<bool> {
+        let _ = (step, dir);
+        Ok(true)
+    }
+
     /// Called once when the loop resumes from the checkpoint in `dir` at
     /// position `step`, before any further step.
     fn on_resume(&mut self, step: u64, dir: &Path) -> Result<()> {
@@ -461,6 +475,19 @@ fn fingerprint(vars: &[(String, Var)], n_examples: usize, cfg: &TrainConfig) -> 
 }
 
 fn is_ours(file_name: &str) -> bool {
+    // A temporary file `dsel_store::atomic_write` left behind: `.<name>.tmp-<nonce>`.
+    if let Some((inner, _)) = file_name
+        .strip_prefix('.')
+        .and_then(|n| n.split_once(".tmp-"))
+    {
+        let base = inner
+            .strip_suffix(dsel_store::DIGEST_SUFFIX)
+            .unwrap_or(inner);
+        return base == CHECKPOINT_FILE || is_ours(inner);
+    }
+    let file_name = file_name
+        .strip_suffix(dsel_store::DIGEST_SUFFIX)
+        .unwrap_or(file_name);
     file_name.starts_with(TMP_PREFIX)
         || ((file_name.starts_with("vars-") || file_name.starts_with("optimizer-"))
             && file_name.ends_with(".safetensors"))
@@ -495,9 +522,11 @@ struct Checkpointer {
 }
 
 impl Checkpointer {
+    /// The checkpoint index, when there is one whose bytes match their
+    /// recorded blake3 (a damaged or unsealed one is ignored, logged).
     fn read_index(&self) -> Result<Option<CheckpointIndex>> {
         let path = self.dir.join(CHECKPOINT_FILE);
-        if !path.exists() {
+        if !dsel_store::trust_sealed(&path, "training checkpoint") {
             return Ok(None);
         }
         let text = std::fs::read_to_string(&path)
@@ -543,8 +572,8 @@ impl Checkpointer {
         meta.insert("format".to_string(), "dsel-train-vars/1".to_string());
         meta.insert("step".to_string(), pos.step.to_string());
         let bytes = safetensors_bytes(&tensors, meta)?;
-        write_atomic(&self.dir.join(&vars_file), &bytes)?;
-        opt.save(&self.dir.join(&optimizer_file))?;
+        dsel_store::write_sealed(self.dir.join(&vars_file), &bytes)?;
+        dsel_store::write_sealed(self.dir.join(&optimizer_file), opt.state_bytes()?)?;
 
         let idx = CheckpointIndex {
             format: CHECKPOINT_FORMAT.to_string(),
@@ -559,7 +588,7 @@ impl Checkpointer {
             n_examples: self.n_examples,
         };
         let json = serde_json::to_string_pretty(&idx)?;
-        write_atomic(&self.dir.join(CHECKPOINT_FILE), json.as_bytes())?;
+        dsel_store::write_sealed(self.dir.join(CHECKPOINT_FILE), json.as_bytes())?;
 
         // Only now are older files unreferenced.
         for entry in std::fs::read_dir(&self.dir)
@@ -567,7 +596,10 @@ impl Checkpointer {
         {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if is_ours(&name) && name != vars_file && name != optimizer_file {
+            let base = name
+                .strip_suffix(dsel_store::DIGEST_SUFFIX)
+                .unwrap_or(&name);
+            if is_ours(&name) && base != vars_file && base != optimizer_file {
                 std::fs::remove_file(entry.path()).with_context(|| {
                     format!("removing stale checkpoint file {}", entry.path().display())
                 })?;
@@ -720,7 +752,19 @@ pub fn train(
 
     if let Some(idx) = ck.read_index()? {
         ck.next_seq = ck.next_seq.max(idx.seq + 1);
-        if idx.fingerprint == fp {
+        // Damaged state is never resumed: every file must be the bytes written.
+        let intact = idx.fingerprint == fp
+            && [&idx.vars_file, &idx.optimizer_file]
+                .iter()
+                .all(|f| dsel_store::trust_sealed(ckpt_dir.join(f), "training checkpoint"))
+            && hooks.can_resume(idx.position.step, ckpt_dir)?;
+        if idx.fingerprint == fp && !intact {
+            tracing::warn!(
+                dir = %ckpt_dir.display(),
+                step = idx.position.step,
+                "the checkpoint's state is damaged or incomplete; starting from scratch"
+            );
+        } else if idx.fingerprint == fp {
             let p = idx.position;
             let consistent = p.epoch <= cfg.epochs
                 && p.batch_in_epoch <= plan.micro_batches_per_epoch

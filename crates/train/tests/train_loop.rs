@@ -323,8 +323,152 @@ fn resume_case(
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     files.sort();
-    assert_eq!(files.len(), 3, "{files:?}");
+    assert_eq!(files.len(), 6, "{files:?}"); // index, vars, optimizer + their blake3
     assert_eq!(files[0], CHECKPOINT_FILE);
+    for f in &files {
+        if let Some(sealed) = f.strip_suffix(".blake3") {
+            assert!(files.iter().any(|g| g == sealed), "{files:?}");
+            assert!(dsel_store::check_sealed(dir_b.path().join(sealed)).is_valid());
+        }
+    }
+}
+
+/// Changes one byte of `path` in place, keeping its size.
+fn flip_byte(path: &Path, from_end: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let at = bytes.len() - from_end;
+    bytes[at] ^= 0x01;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn damaged_checkpoint_is_not_resumed() {
+    // 50 examples, micro-batch 4, accumulation 3, a checkpoint every 2 steps:
+    // the crash at micro-step 20 leaves the checkpoint of step 6.
+    let p = problem(50);
+    let c = cfg(4, 3, Some(2));
+    let dir_a = tempfile::tempdir().unwrap();
+    let vars_a = fresh_vars();
+    let mut hooks_a = Capture::default();
+    let rep_a = train(
+        vars_a.clone(),
+        p.n,
+        &c,
+        dir_a.path(),
+        &mut |idx, ctx| mse(&p, &vars_a, idx, Some(ctx)),
+        &mut hooks_a,
+    )
+    .unwrap();
+    let full = hooks_a.last.clone().unwrap();
+
+    // Same-size damage to each file of the checkpoint: a float's lowest
+    // mantissa bit of the variables or of the optimizer moments, or a digit
+    // of the index's loss sum (still valid JSON, still a plausible position).
+    type Damage = fn(&Path, &serde_json::Value);
+    let damages: [(&str, Damage); 3] = [
+        ("vars", |d, idx| {
+            flip_byte(&d.join(idx["vars_file"].as_str().unwrap()), 4)
+        }),
+        ("optimizer", |d, idx| {
+            flip_byte(&d.join(idx["optimizer_file"].as_str().unwrap()), 4)
+        }),
+        ("index", |d, _| {
+            let path = d.join(CHECKPOINT_FILE);
+            let text = std::fs::read_to_string(&path).unwrap();
+            let at = text.find("\"loss_sum\": \"").unwrap() + "\"loss_sum\": \"".len();
+            let digit = text[at..].find(|c: char| c.is_ascii_digit()).unwrap() + at;
+            let old = text.as_bytes()[digit];
+            let new = if old == b'9' { b'8' } else { old + 1 };
+            let mut bytes = text.into_bytes();
+            bytes[digit] = new;
+            std::fs::write(&path, bytes).unwrap();
+        }),
+    ];
+    for (what, damage) in damages {
+        let dir_b = tempfile::tempdir().unwrap();
+        let vars_b1 = fresh_vars();
+        train(
+            vars_b1.clone(),
+            p.n,
+            &c,
+            dir_b.path(),
+            &mut |idx, ctx| {
+                if ctx.micro_step == 20 {
+                    bail!("simulated crash");
+                }
+                mse(&p, &vars_b1, idx, Some(ctx))
+            },
+            &mut NoHooks,
+        )
+        .unwrap_err();
+        let idx: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir_b.path().join(CHECKPOINT_FILE)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(idx["position"]["step"], 6);
+        damage(dir_b.path(), &idx);
+
+        let vars_b2 = fresh_vars();
+        let mut hooks_b = Capture::default();
+        let rep_b = train(
+            vars_b2.clone(),
+            p.n,
+            &c,
+            dir_b.path(),
+            &mut |idx, ctx| mse(&p, &vars_b2, idx, Some(ctx)),
+            &mut hooks_b,
+        )
+        .unwrap();
+        assert_eq!(
+            rep_b.resumed_from_step, None,
+            "{what}: damaged state resumed"
+        );
+        // Recomputed from scratch: bit-identical to the uninterrupted run.
+        assert_eq!(hooks_b.last.clone().unwrap(), full, "{what}");
+        assert_eq!(deterministic(&rep_b), deterministic(&rep_a), "{what}");
+        assert_eq!(disk_state(dir_b.path()), full, "{what}");
+    }
+}
+
+/// Caller state beside the checkpoint that the caller finds damaged.
+struct RejectResume(u32);
+
+impl TrainHooks for RejectResume {
+    fn can_resume(&mut self, _step: u64, _dir: &Path) -> Result<bool> {
+        self.0 += 1;
+        Ok(false)
+    }
+}
+
+#[test]
+fn hook_can_refuse_a_resume() {
+    let p = problem(20);
+    let c = cfg(4, 1, Some(1));
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = fresh_vars();
+    train(
+        v1.clone(),
+        p.n,
+        &c,
+        dir.path(),
+        &mut |i, x| mse(&p, &v1, i, Some(x)),
+        &mut NoHooks,
+    )
+    .unwrap();
+    let v2 = fresh_vars();
+    let mut hooks = RejectResume(0);
+    let r = train(
+        v2.clone(),
+        p.n,
+        &c,
+        dir.path(),
+        &mut |i, x| mse(&p, &v2, i, Some(x)),
+        &mut hooks,
+    )
+    .unwrap();
+    assert_eq!(hooks.0, 1);
+    assert_eq!(r.resumed_from_step, None);
+    assert_eq!(values(v1[0].1.as_tensor()), values(v2[0].1.as_tensor()));
 }
 
 #[test]
@@ -553,8 +697,9 @@ fn bad_inputs_are_errors() {
         ),
         "{e}"
     );
-    // A corrupt checkpoint index names the file.
-    std::fs::write(dir.path().join(CHECKPOINT_FILE), "{not json").unwrap();
+    // An index that is the bytes written but not an index names the file
+    // (one that differs from its recorded blake3 is ignored instead).
+    dsel_store::write_sealed(dir.path().join(CHECKPOINT_FILE), "{not json").unwrap();
     let e = train(
         vars.clone(),
         p.n,
