@@ -6,11 +6,15 @@
 //!
 //! * `greats` — [`Greats`]: per-example LoRA gradients of the candidates and
 //!   of a few sampled validation examples, inner products by the ghost trick
-//!   where cheaper (see [`ghost`]), greedy selection with the `η²` Gram
-//!   correction (Wang et al., NeurIPS 2024);
+//!   where cheaper (see [`ghost`]), greedy selection with the Gram
+//!   correction, both terms scaled to the step actually taken (AdamW on the
+//!   mean loss of the `k` chosen, see [`Greats`])
+//!   (Wang et al., NeurIPS 2024);
 //! * `uds` — [`Uds`]: one no-grad forward; nuclear norm of each example's
 //!   logits matrix plus `α` times the mean distance of a random projection of
-//!   the logits to a FIFO buffer of past selections (arXiv 2510.16882);
+//!   the logits (scaled like the reference's FFT projection, so that its `α`
+//!   applies) to a FIFO buffer of past selections; keeps [`KeepRatio`] of
+//!   the candidates, 1 of 4 by default (arXiv 2510.16882);
 //! * `maxloss` — [`MaxLoss`]: top-`k` per-example loss (one no-grad forward);
 //! * `gradnorm` — [`GradNorm`]: top-`k` per-example LoRA gradient norm;
 //! * `none` — [`Regular`]: the first `k` candidates (the candidates are a
@@ -38,14 +42,16 @@ use candle_core::Tensor;
 use dsel_model::{Batch, Model};
 use serde::{Deserialize, Serialize};
 
-pub use ghost::{cross_gram, squared_norms, GradFactors, InnerProductMode, LinearFactors};
-pub use greats::{greedy_select, Greats};
+pub use ghost::{
+    cross_gram, linear_cross_gram, squared_norms, GradFactors, InnerProductMode, LinearFactors,
+};
+pub use greats::{adamw_weight_scale, greedy_select, Greats};
 pub use run::{
     mean_loss, run_online, run_online_interruptible, ExampleSource, OnlineReport, OnlineRunConfig,
     StepRecord, CHECKPOINT_EVERY, STAGE_VERSION,
 };
 pub use simple::{GradNorm, MaxLoss, Regular};
-pub use uds::{FifoBuffer, Uds};
+pub use uds::{FifoBuffer, Uds, REFERENCE_PAD_ROWS};
 
 /// What a selector is told about the step it selects for.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -163,6 +169,60 @@ impl std::str::FromStr for SelectorKind {
     }
 }
 
+/// How many of the candidates UDS keeps: `kept` of every `of` (the
+/// reference keeps 1 of 4, and 1 of 8 in its smaller-budget runs). Written
+/// and parsed as `kept/of`, e.g. `1/4`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeepRatio {
+    /// Examples kept …
+    pub kept: usize,
+    /// … of this many candidates.
+    pub of: usize,
+}
+
+impl KeepRatio {
+    /// The reference's default: 1 of 4.
+    pub const REFERENCE: KeepRatio = KeepRatio { kept: 1, of: 4 };
+
+    /// `kept` of `of`; needs `1 ≤ kept ≤ of`.
+    pub fn new(kept: usize, of: usize) -> Result<Self> {
+        let r = KeepRatio { kept, of };
+        r.validate()?;
+        Ok(r)
+    }
+
+    /// Checks `1 ≤ kept ≤ of`.
+    pub fn validate(&self) -> Result<()> {
+        if self.kept == 0 || self.kept > self.of {
+            bail!("keep ratio {}/{}: need 1 ≤ kept ≤ of", self.kept, self.of);
+        }
+        Ok(())
+    }
+
+    /// Examples kept of a candidate batch of `b`: `⌊b · kept / of⌋`, at
+    /// least 1 and at most `b` (B = 8 at 1/4 keeps 2; B = 6 keeps 1).
+    pub fn k(&self, b: usize) -> usize {
+        (b * self.kept / self.of.max(1)).clamp(1, b.max(1))
+    }
+}
+
+impl std::fmt::Display for KeepRatio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.kept, self.of)
+    }
+}
+
+impl std::str::FromStr for KeepRatio {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("keep ratio {s:?}: expected kept/of, e.g. 1/4");
+        let (a, b) = s.trim().split_once('/').ok_or_else(bad)?;
+        let kept: usize = a.trim().parse().map_err(|_| bad())?;
+        let of: usize = b.trim().parse().map_err(|_| bad())?;
+        KeepRatio::new(kept, of).map_err(|e| e.to_string())
+    }
+}
+
 /// A selector and its hyper-parameters (serialisable; part of artifact keys).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -173,12 +233,15 @@ pub enum SelectorConfig {
     Greats {
         /// Validation examples sampled per step (reference code: 2).
         n_val_per_step: usize,
-        /// `η` of the utility; `None` = the step's learning rate (reference code).
+        /// The AdamW learning rate the utility assumes; `None` = the step's
+        /// learning rate (reference code). Linearised per LoRA weight as
+        /// described at [`Greats`] and [`greats::adamw_weight_scale`].
         lr: Option<f64>,
     },
     /// UDS.
     Uds {
-        /// Weight `α` of the inter-sample diversity.
+        /// Weight `α` of the inter-sample diversity, on the reference's
+        /// embedding scale (see [`Uds`]); reference 1.5e-3 to 2.5e-3.
         alpha: f64,
         /// Rows of the bilinear projection (along time); reference 8.
         proj_rows: usize,
@@ -186,6 +249,9 @@ pub enum SelectorConfig {
         proj_dim: usize,
         /// FIFO buffer capacity; reference 1024.
         buffer: usize,
+        /// Candidates kept per step when the run does not fix `k`;
+        /// reference 1 of 4.
+        keep: KeepRatio,
     },
     /// Top-k loss.
     MaxLoss,
@@ -207,6 +273,7 @@ impl SelectorConfig {
                 proj_rows: 8,
                 proj_dim: 1024,
                 buffer: 1024,
+                keep: KeepRatio::REFERENCE,
             },
             SelectorKind::MaxLoss => SelectorConfig::MaxLoss,
             SelectorKind::GradNorm => SelectorConfig::GradNorm,
@@ -221,6 +288,45 @@ impl SelectorConfig {
             SelectorConfig::Uds { .. } => SelectorKind::Uds,
             SelectorConfig::MaxLoss => SelectorKind::MaxLoss,
             SelectorConfig::GradNorm => SelectorKind::GradNorm,
+        }
+    }
+
+    /// Examples trained per step out of `b` candidates when the run does not
+    /// fix `k`: UDS's [`KeepRatio`], `max(1, B/2)` for the others (GREATS's
+    /// reference code keeps half).
+    pub fn default_k(&self, b: usize) -> usize {
+        match self {
+            SelectorConfig::Uds { keep, .. } => keep.k(b),
+            _ => (b / 2).max(1),
+        }
+    }
+
+    /// Checks the ranges a run needs before it starts (UDS's keep ratio,
+    /// GREATS's validation examples per step); [`SelectorConfig::build`]
+    /// checks the rest.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            SelectorConfig::Uds { keep, .. } => keep.validate()?,
+            SelectorConfig::Greats { n_val_per_step, .. } if *n_val_per_step == 0 => {
+                bail!("greats: n_val_per_step must be at least 1")
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Sets UDS's keep ratio; other selectors are left unchanged.
+    pub fn set_uds_keep(&mut self, ratio: KeepRatio) {
+        if let SelectorConfig::Uds { keep, .. } = self {
+            *keep = ratio;
+        }
+    }
+
+    /// Sets GREATS's validation examples per step; other selectors are left
+    /// unchanged.
+    pub fn set_greats_val_per_step(&mut self, n: usize) {
+        if let SelectorConfig::Greats { n_val_per_step, .. } = self {
+            *n_val_per_step = n;
         }
     }
 
@@ -247,7 +353,11 @@ impl SelectorConfig {
                 proj_rows,
                 proj_dim,
                 buffer,
-            } => Box::new(Uds::new(*alpha, *proj_rows, *proj_dim, *buffer, seed)?),
+                keep,
+            } => {
+                keep.validate()?;
+                Box::new(Uds::new(*alpha, *proj_rows, *proj_dim, *buffer, seed)?)
+            }
             SelectorConfig::MaxLoss => Box::new(MaxLoss),
             SelectorConfig::GradNorm => Box::new(GradNorm),
         })

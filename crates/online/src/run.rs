@@ -18,7 +18,7 @@ use crate::{OnlineSelector, SelectContext, SelectorConfig};
 pub const CHECKPOINT_EVERY: u64 = 10;
 
 /// Bump when the online-training computation or output layout changes.
-pub const STAGE_VERSION: &str = "train-online-1";
+pub const STAGE_VERSION: &str = "train-online-2";
 
 /// Indexed `(token ids, label mask)` examples.
 pub trait ExampleSource {
@@ -70,7 +70,8 @@ pub struct OnlineRunConfig {
     pub steps: usize,
     /// Candidate batch size `B` (the training loop's micro-batch).
     pub candidates: usize,
-    /// Examples trained per step `k`; `None` = `max(1, B/2)`.
+    /// Examples trained per step `k`; `None` = the selector's default
+    /// ([`SelectorConfig::default_k`]: UDS's keep ratio, else `max(1, B/2)`).
     pub k: Option<usize>,
     /// Peak learning rate (linear schedule).
     pub lr: f64,
@@ -85,8 +86,8 @@ pub struct OnlineRunConfig {
 }
 
 impl OnlineRunConfig {
-    /// Defaults: GREATS-free plain training (`selector: None`), 100 steps,
-    /// B = 8, k = 4, lr 1e-4, warmup 0.03, no clipping, seed 0.
+    /// Defaults: 100 steps, B = 8, the selector's `k` (4, UDS 2), lr 1e-4,
+    /// warmup 0.03, no clipping, seed 0.
     pub fn new(selector: SelectorConfig, lora: LoraConfig) -> Self {
         OnlineRunConfig {
             selector,
@@ -104,7 +105,8 @@ impl OnlineRunConfig {
 
     /// `k` after applying the default.
     pub fn k(&self) -> usize {
-        self.k.unwrap_or((self.candidates / 2).max(1))
+        self.k
+            .unwrap_or_else(|| self.selector.default_k(self.candidates))
     }
 
     /// Checks the ranges.
@@ -115,6 +117,7 @@ impl OnlineRunConfig {
         if self.candidates == 0 {
             bail!("online training: candidates (B) must be at least 1");
         }
+        self.selector.validate()?;
         let k = self.k();
         if k == 0 || k > self.candidates {
             bail!(
@@ -141,6 +144,7 @@ impl OnlineRunConfig {
             max_grad_norm: self.max_grad_norm,
             checkpoint_every_steps: Some(CHECKPOINT_EVERY),
             adam: self.adam,
+            schedule: Default::default(),
         }
     }
 }
@@ -288,32 +292,22 @@ impl TrainHooks for Hooks<'_> {
             selector: self.selector.borrow().state()?,
             records: self.shared.borrow().records.clone(),
         };
-        // With its blake3 beside it: a resume trusts only the bytes written.
-        dsel_store::write_sealed(state_file(dir, step), serde_json::to_vec(&saved)?)?;
+        dsel_store::atomic_write(state_file(dir, step), &serde_json::to_vec(&saved)?)?;
         // Keep the newest two: the checkpoint being written and the one it replaces.
         let mut old: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
             .with_context(|| format!("listing {}", dir.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
-                p.file_name().and_then(|f| f.to_str()).is_some_and(|f| {
-                    f.starts_with("online-state-") && !dsel_store::is_digest_file(f)
-                })
+                p.file_name()
+                    .and_then(|f| f.to_str())
+                    .is_some_and(|f| f.starts_with("online-state-"))
             })
             .collect();
         old.sort();
         for p in old.iter().rev().skip(2) {
-            let _ = dsel_store::remove_sealed(p);
+            let _ = std::fs::remove_file(p);
         }
         Ok(())
-    }
-
-    fn can_resume(&mut self, step: u64, dir: &Path) -> Result<bool> {
-        // A damaged or unsealed selector state (the UDS buffer, the step
-        // log) makes the run start over rather than continue from it.
-        Ok(dsel_store::trust_sealed(
-            state_file(dir, step),
-            "online-training state",
-        ))
     }
 
     fn on_resume(&mut self, step: u64, dir: &Path) -> Result<()> {

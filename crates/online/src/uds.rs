@@ -82,22 +82,46 @@ impl FifoBuffer {
     }
 }
 
+/// Rows the reference pads every logits matrix to before projecting it (its
+/// `max_seq_length`, 512 in its scripts). Its `α` was tuned for the norm its
+/// projection has at this padding, so [`Uds`] scales its embedding to match.
+pub const REFERENCE_PAD_ROWS: usize = 512;
+
 /// The UDS selector.
 ///
 /// Per candidate batch, one no-grad forward ([`Model::logits_inference`]);
 /// for example `i` with logits `L_i` (its real positions × V):
 /// * utility `u_i = ‖L_i‖_*`, from the eigenvalues of the smaller Gram
 ///   matrix (`L Lᵀ`, `T × T`, when `T ≤ V`), formed in f64;
-/// * embedding `z_i = R₁ L_i R₂ / sqrt(rows·cols)` with seeded ±1 matrices
-///   `R₁ [rows, T]` (entry a function of seed, row and position, so it does
-///   not depend on padding) and `R₂ [V, cols]` — a dense bilinear random
-///   projection to `proj_dim = rows × cols` numbers that preserves
-///   Frobenius distances in expectation (the reference code uses random
-///   signs and subsampled FFTs for the same purpose);
+/// * embedding `z_i = c · R₁ L_i R₂` with seeded ±1 matrices `R₁ [rows, T]`
+///   (entry a function of seed, row and position, so it does not depend on
+///   padding) and `R₂ [V, cols]` — a dense bilinear random projection to
+///   `proj_dim = rows × cols` numbers — and the scale
+///   `c = sqrt(V · 512) / (2 · sqrt(rows · cols))` ([`Uds::embedding_scale`]);
 /// * diversity `v_i` = mean distance of `z_i` to the FIFO buffer of past
 ///   selected embeddings;
 /// * score `u_i + α v_i`; the top `k` are chosen and their `z` pushed into
 ///   the buffer (in choice order).
+///
+/// **Why that scale.** `α` (reference 1.5e-3 to 2.5e-3, default 2e-3) only
+/// means what the reference tuned it for if `z` has the reference's scale.
+/// The reference (`FastJLProjector` of gfyddha/UDS) zero-pads `L` to
+/// `T = 512` rows, multiplies the columns by random signs, takes the
+/// *unnormalised* FFT along the vocabulary, keeps its real part at `r₂ = 128`
+/// random frequencies and multiplies by `sqrt(V / r₂)`; then the same along
+/// the 512 rows (`r₁ = 8`, `sqrt(T / r₁)`). Per row `x`, an unnormalised
+/// FFT coefficient after random signs has `E|X_f|² = ‖x‖²` and its real part
+/// half of that, so the right transform gives `r₂ · ‖x‖²/2 · V/r₂ =
+/// (V/2)‖x‖²` and the left one another factor `T/2`:
+/// `E‖z_ref‖² = (V·T/4) ‖L‖_F²`, i.e. `‖z_ref‖ ≈ sqrt(V·T)/2 · ‖L‖_F`
+/// (about 2,500 ‖L‖_F for V = 49,152). Our dense ±1 projection has
+/// `E‖R₁ L R₂‖² = rows · cols · ‖L‖_F²`, so `c` above gives `E‖z‖² =
+/// (V·512/4) ‖L‖_F²`, the reference's, and with it distances between
+/// embeddings (both projections preserve them the same way up to that
+/// factor). An embedding normalised to `‖L‖_F` instead would shrink the
+/// diversity term by `sqrt(V·512)/2` and leave UDS a top-k by nuclear norm.
+/// The scale is applied in f32 after the projection (a half-precision model
+/// would overflow otherwise).
 pub struct Uds {
     alpha: f64,
     rows: usize,
@@ -132,6 +156,14 @@ impl Uds {
             buffer: FifoBuffer::new(buffer)?,
             right: None,
         })
+    }
+
+    /// The scale `c` of the embedding `c · R₁ L R₂` for vocabulary `v` and a
+    /// `rows × cols` projection: `sqrt(v · 512) / (2 · sqrt(rows · cols))`,
+    /// which gives the embedding the reference projection's expected norm
+    /// `sqrt(v · 512)/2 · ‖L‖_F` (see [`Uds`]).
+    pub fn embedding_scale(v: usize, rows: usize, cols: usize) -> f64 {
+        (v as f64 * REFERENCE_PAD_ROWS as f64).sqrt() / (2.0 * ((rows * cols) as f64).sqrt())
     }
 
     /// The FIFO buffer of past selected embeddings.
@@ -214,9 +246,8 @@ impl Uds {
         let z = left
             .broadcast_matmul(&l)? // [B, rows, V]
             .broadcast_matmul(&right)?; // [B, rows, cols]
-        let z = (z / ((rows * self.cols) as f64).sqrt())?
-            .to_dtype(DType::F32)?
-            .reshape((b, rows * self.cols))?;
+        let scale = Self::embedding_scale(v, rows, self.cols);
+        let z = (z.to_dtype(DType::F32)? * scale)?.reshape((b, rows * self.cols))?;
         let z: Vec<Vec<f32>> = z.to_vec2()?;
         Ok((u, z))
     }

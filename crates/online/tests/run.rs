@@ -59,10 +59,13 @@ fn every_selector_is_deterministic_and_logs_each_step() {
         let c = cfg(kind, 6, 6, None, 3);
         let (s1, a1, r1) = run(kind, DType::F32, &c);
         let (s2, a2, _) = run(kind, DType::F32, &c);
+        // UDS keeps 1 of 4 by default (⌊6/4⌋ = 1), the others half.
+        let k = if kind == SelectorKind::Uds { 1 } else { 3 };
+        assert_eq!(c.k(), k);
         assert_eq!(s1.len(), 6);
         assert_eq!(r1.selector, kind.name());
-        assert_eq!(r1.k, 3);
-        assert_eq!(r1.examples_trained, 18);
+        assert_eq!(r1.k, k);
+        assert_eq!(r1.examples_trained, 6 * k as u64);
         assert!(r1.mean_loss.is_finite() && r1.seconds > 0.0);
         for (x, y) in s1.iter().zip(&s2) {
             assert_eq!(x.step, y.step);
@@ -71,7 +74,7 @@ fn every_selector_is_deterministic_and_logs_each_step() {
             assert_eq!(x.scores, y.scores, "{kind:?}");
             assert_eq!(x.loss, y.loss, "{kind:?}");
             assert_eq!(x.candidates.len(), 6);
-            assert_eq!(x.chosen.len(), 3);
+            assert_eq!(x.chosen.len(), k);
             assert_eq!(x.scores.len(), 6);
             assert!(x.chosen.iter().all(|c| x.candidates.contains(c)));
         }

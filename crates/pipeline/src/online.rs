@@ -7,7 +7,7 @@ use dsel_tokenize::TokenizedSet;
 use serde_json::json;
 
 pub use dsel_online::{
-    OnlineReport, OnlineRunConfig as OnlineTrainConfig, SelectorConfig, SelectorKind,
+    KeepRatio, OnlineReport, OnlineRunConfig as OnlineTrainConfig, SelectorConfig, SelectorKind,
 };
 
 use crate::Pipeline;

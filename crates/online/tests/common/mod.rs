@@ -154,3 +154,45 @@ pub fn batch(ex: &[(Vec<u32>, Vec<u8>)]) -> Batch {
 pub fn host2(t: &Tensor) -> Vec<Vec<f64>> {
     t.to_dtype(DType::F64).unwrap().to_vec2().unwrap()
 }
+
+/// Short stories in the style stories260K was trained on.
+pub const STORIES: [&str; 10] = [
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her red ball.",
+    "Tom had a big dog called Max. Every morning they ran to the river and looked at the fish swimming in the water.",
+    "The sun was hot and the sky was blue. A small bird sat on the tree and sang a happy song to all the children.",
+    "Mom baked a cake for the party. Sue helped her put the candles on top, and then they sang and ate it together.",
+    "One day, a boy found a shiny key in the grass. He wondered what it could open, so he took it home to show Dad.",
+    "Anna was sad because her toy car was broken. Her brother said he could fix it, and soon the car was good again.",
+    "The cat wanted the milk on the table. She jumped up, but the cup fell down and the milk went all over the floor.",
+    "Ben and Sam built a tall tower with blocks. When the wind came, the tower fell, and they laughed and built it again.",
+    "Lily and her mom went to the store. They bought apples and bread, and Lily carried the small bag all the way home.",
+    "The little dog was lost in the big park. A kind girl found him and helped him go back to his happy family.",
+];
+
+/// The real stories260K model (Hugging Face folder under the shared data
+/// root; `DSEL_DATA_ROOT` overrides), its tensors converted to `dtype`.
+pub fn stories_raw(dtype: DType) -> RawModel {
+    let root = match std::env::var("DSEL_DATA_ROOT") {
+        Ok(p) if !p.is_empty() => std::path::PathBuf::from(p),
+        _ => std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data")),
+    };
+    let mut raw = dsel_model::load_hf(&root.join("models/stories260K/hf"), &Device::Cpu).unwrap();
+    for t in raw.tensors.values_mut() {
+        *t = t.to_dtype(dtype).unwrap();
+    }
+    raw
+}
+
+/// [`STORIES`] tokenized by the model's tokenizer (BOS first), labels on
+/// the second half of each.
+pub fn stories_examples(raw: &RawModel) -> Vec<(Vec<u32>, Vec<u8>)> {
+    let tok = raw.tokenizer.as_ref().expect("stories260K has a tokenizer");
+    STORIES
+        .iter()
+        .map(|t| {
+            let ids = tok.encode(*t, true).unwrap().get_ids().to_vec();
+            let n = ids.len();
+            (ids, (0..n).map(|i| u8::from(i >= n / 2)).collect())
+        })
+        .collect()
+}
