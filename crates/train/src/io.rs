@@ -55,8 +55,35 @@ pub(crate) fn safetensors_bytes(
     for (name, t) in tensors {
         owned.push((name.clone(), t.contiguous()?));
     }
-    safetensors::serialize(owned, Some(metadata))
-        .map_err(|e| anyhow!("serialising safetensors: {e}"))
+    let bytes = safetensors::serialize(owned, Some(metadata))
+        .map_err(|e| anyhow!("serialising safetensors: {e}"))?;
+    sort_header(bytes)
+}
+
+/// Rewrites the JSON header of a safetensors buffer with every object key
+/// sorted by its UTF-8 bytes, recursively ([`dsel_store::canonical_json`]),
+/// padded with spaces to a multiple of 8 bytes as `safetensors` pads it. The
+/// crate writes its `__metadata__` from a `HashMap`, whose order changes from
+/// one write to the next; sorted, the same state always gives the same bytes.
+/// The tensor data (ordered by dtype, then name) is unchanged.
+pub(crate) fn sort_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let len = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+        .ok_or_else(|| anyhow!("safetensors buffer shorter than its header length"))?;
+    let end = 8usize
+        .checked_add(len)
+        .filter(|&e| e <= bytes.len())
+        .ok_or_else(|| anyhow!("safetensors header length {len} exceeds the buffer"))?;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..end])
+        .map_err(|e| anyhow!("safetensors header is not JSON: {e}"))?;
+    let mut text = dsel_store::canonical_json(&header).into_bytes();
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - end);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[end..]);
+    Ok(out)
 }
 
 /// Reads a safetensors file: its tensors (on `device`) and its metadata.

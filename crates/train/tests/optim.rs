@@ -168,6 +168,85 @@ fn missing_gradient_is_an_error_naming_the_var() {
     assert_ne!(vals(a.as_tensor()), vec![1.0, 2.0]);
 }
 
+/// `keys` in the order their `"key":` first appears in `json` (a key inside
+/// a string value is escaped, `\"key\":`, so it does not match).
+fn keys_in_text_order(json: &str, keys: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut found: Vec<(usize, String)> = keys
+        .into_iter()
+        .map(|k| {
+            let needle = format!("{}:", serde_json::to_string(&k).unwrap());
+            (
+                json.find(&needle)
+                    .unwrap_or_else(|| panic!("{k} not in {json}")),
+                k,
+            )
+        })
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, k)| k).collect()
+}
+
+#[test]
+fn same_state_saves_to_identical_bytes_with_sorted_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vars = Vec::new();
+    for (i, name) in [
+        "q_proj.lora_b",
+        "k_proj.lora_a",
+        "v_proj.lora_a",
+        "o_proj.lora_b",
+    ]
+    .iter()
+    .enumerate()
+    {
+        vars.push(var(name, &[0.25 * i as f32, -1.0, 2.0]));
+    }
+    let mut opt = AdamW::new(vars.clone(), AdamWConfig::default()).unwrap();
+    let pairs: Vec<(&Var, &[f32])> = vars
+        .iter()
+        .map(|(_, v)| (v, &[0.1f32, -0.2, 0.3][..]))
+        .collect();
+    opt.step(&store(&pairs), 0.01).unwrap();
+    // Every save builds its metadata map afresh (a new hash seed each time).
+    let writes: Vec<Vec<u8>> = (0..6)
+        .map(|i| {
+            let p = dir.path().join(format!("optimizer-{i}.safetensors"));
+            opt.save(&p).unwrap();
+            std::fs::read(&p).unwrap()
+        })
+        .collect();
+    for w in &writes[1..] {
+        assert!(*w == writes[0], "two saves of one state differ");
+    }
+    // Independently: the header's keys appear sorted, top level and metadata.
+    let bytes = &writes[0];
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    assert_eq!(n % 8, 0);
+    let text = std::str::from_utf8(&bytes[8..8 + n]).unwrap().trim_end();
+    let header: serde_json::Value = serde_json::from_str(text).unwrap();
+    let top: Vec<String> = header.as_object().unwrap().keys().cloned().collect();
+    let mut sorted = top.clone();
+    sorted.sort();
+    assert_eq!(keys_in_text_order(text, top), sorted);
+    assert_eq!(sorted[0], "__metadata__");
+    let meta: Vec<String> = header["__metadata__"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(meta.len(), 5);
+    let mut meta_sorted = meta.clone();
+    meta_sorted.sort();
+    assert_eq!(keys_in_text_order(text, meta), meta_sorted);
+    // Still a valid file.
+    let mut fresh = AdamW::new(vars.clone(), AdamWConfig::default()).unwrap();
+    fresh
+        .load(&dir.path().join("optimizer-3.safetensors"))
+        .unwrap();
+    assert_eq!(fresh.step_count(), 1);
+}
+
 #[test]
 fn adamw_save_load_round_trip() {
     let dir = tempfile::tempdir().unwrap();
