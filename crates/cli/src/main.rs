@@ -149,10 +149,10 @@ struct SelectArgs {
     /// Sweep batch budget in tokens (batch size × padded length).
     #[arg(long, default_value_t = 4096)]
     batch_tokens: usize,
-    /// How examples longer than the max length are cut: right (LESS; an
-    /// example whose prompt fills the window is skipped) or keep-completion
-    /// (drop the prompt's start so the answer stays in the window).
-    #[arg(long, default_value = "right")]
+    /// How examples longer than the max length are cut: keep-completion
+    /// (drop the prompt's start so the answer stays in the window) or right
+    /// (LESS; an example whose prompt fills the window is skipped).
+    #[arg(long, default_value = "keep-completion")]
     truncation: dsel_tokenize::Truncation,
     /// ToV: score by Δ − Δ_ctl, where Δ_ctl is the loss change of the same
     /// short fine-tune on a random pool sample the size of the target (a
@@ -527,12 +527,29 @@ fn run_select(g: &Global, a: SelectArgs) -> Result<()> {
             s.pool_by_source.get(src).copied().unwrap_or(0)
         );
     }
+    // What the cache hits would have cost: their recorded build times.
+    let saved: f64 = s
+        .stages
+        .iter()
+        .filter(|r| r.cache_hit)
+        .filter_map(|r| p.store.show(&r.key).ok())
+        .map(|m| m.build_seconds)
+        .sum();
     println!(
-        "stages: {} run, {} cache hits; wall {:.1}s",
+        "stages: {} run, {} cache hits; wall {:.1}s; the hits saved {:.0}s of recorded build time",
         s.stages.len() - hits,
         hits,
-        s.wall_seconds
+        s.wall_seconds,
+        saved
     );
+    if !s.pool_skipped.is_empty() {
+        let parts: Vec<String> = s
+            .pool_skipped
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        println!("pool examples dropped: {}", parts.join(", "));
+    }
     Ok(())
 }
 

@@ -292,22 +292,32 @@ impl TrainHooks for Hooks<'_> {
             selector: self.selector.borrow().state()?,
             records: self.shared.borrow().records.clone(),
         };
-        dsel_store::atomic_write(state_file(dir, step), &serde_json::to_vec(&saved)?)?;
+        // With its blake3 beside it: a resume trusts only the bytes written.
+        dsel_store::write_sealed(state_file(dir, step), serde_json::to_vec(&saved)?)?;
         // Keep the newest two: the checkpoint being written and the one it replaces.
         let mut old: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
             .with_context(|| format!("listing {}", dir.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
-                p.file_name()
-                    .and_then(|f| f.to_str())
-                    .is_some_and(|f| f.starts_with("online-state-"))
+                p.file_name().and_then(|f| f.to_str()).is_some_and(|f| {
+                    f.starts_with("online-state-") && !dsel_store::is_digest_file(f)
+                })
             })
             .collect();
         old.sort();
         for p in old.iter().rev().skip(2) {
-            let _ = std::fs::remove_file(p);
+            let _ = dsel_store::remove_sealed(p);
         }
         Ok(())
+    }
+
+    fn can_resume(&mut self, step: u64, dir: &Path) -> Result<bool> {
+        // A damaged or unsealed selector state (the UDS buffer, the step
+        // log) makes the run start over rather than continue from it.
+        Ok(dsel_store::trust_sealed(
+            state_file(dir, step),
+            "online-training state",
+        ))
     }
 
     fn on_resume(&mut self, step: u64, dir: &Path) -> Result<()> {

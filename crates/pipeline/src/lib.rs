@@ -108,7 +108,7 @@ impl Pipeline {
             data_root: data_root.to_path_buf(),
             device: Device::Cpu,
             records: Vec::new(),
-            truncation: dsel_tokenize::Truncation::Right,
+            truncation: dsel_tokenize::Truncation::default(),
             model: None,
         })
     }

@@ -195,7 +195,7 @@ impl Preset {
         let targets = ["q", "k", "v", "o"].map(String::from).to_vec();
         match self {
             Preset::Cpu => PresetValues {
-                pool_limit: Some(600),
+                pool_limit: Some(500),
                 max_len: 256,
                 target_max_len: 1024,
                 budget: Budget::Fraction(0.05),
@@ -654,6 +654,19 @@ pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<Sele
         &selected,
         &selected_scores,
     )?;
+    let mut pool_skipped = std::collections::BTreeMap::new();
+    for (prefix, info, field) in [
+        ("ingest", &pool_ing.manifest().info, "skipped_by_reason"),
+        ("tokenize", &pool_tok.manifest().info, "skipped"),
+    ] {
+        if let Some(m) = info.get(field).and_then(|v| v.as_object()) {
+            for (reason, count) in m {
+                if let Some(c) = count.as_u64().filter(|&c| c > 0) {
+                    pool_skipped.insert(format!("{prefix}:{reason}"), c);
+                }
+            }
+        }
+    }
     let requested = req.budget.requested(n);
     if order.len() < requested {
         tracing::warn!(
@@ -682,6 +695,7 @@ pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<Sele
             order.iter().map(|&i| pool_set.index[i].source.as_str()),
         ),
         pool_by_source: output::count_by_source(pool_set.index.iter().map(|r| r.source.as_str())),
+        pool_skipped,
         stages: p.records.clone(),
         wall_seconds: started.elapsed().as_secs_f64(),
         seed: req.seed,

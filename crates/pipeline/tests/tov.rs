@@ -347,12 +347,14 @@ fn keep_completion_truncation_keeps_long_prompt_examples_and_has_its_own_key() {
             },
         )
         .unwrap();
-    // A window as long as the longest prompt: that example has no label
-    // left when cut from the right.
+    // Keep-completion is the default; right truncation keeps the key it
+    // always had (no `truncation` field).
+    assert_eq!(p.truncation, dsel_tokenize::Truncation::KeepCompletion);
+    p.truncation = dsel_tokenize::Truncation::Right;
     let full_art = p.tokenize(&pool, 4096, "pool").unwrap();
     assert!(
         full_art.manifest().config.get("truncation").is_none(),
-        "the default keeps the key it always had"
+        "right truncation keeps the key it always had"
     );
     let full = dsel_tokenize::TokenizedSet::open(full_art.dir()).unwrap();
     // A window as long as the (toy pool's equal) prompts: cut from the right,

@@ -55,6 +55,11 @@ pub struct RunSummary {
     pub selected_by_source: BTreeMap<String, usize>,
     /// Pool count per source (to read shares against).
     pub pool_by_source: BTreeMap<String, usize>,
+    /// Pool examples dropped before scoring, by reason (`ingest:<reason>`
+    /// for records ingest could not use, `tokenize:<reason>` for examples
+    /// tokenization skipped).
+    #[serde(default)]
+    pub pool_skipped: BTreeMap<String, u64>,
     /// Every stage with its key, wall time and whether it was a cache hit.
     pub stages: Vec<StageRecord>,
     /// Total wall seconds of the run.

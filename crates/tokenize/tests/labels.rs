@@ -107,8 +107,12 @@ fn truncation_is_counted_and_label_free_examples_are_skipped() {
     let cfg = TokenizeConfig {
         max_len: 40,
         bos_id: Some(1),
-        truncation: Default::default(),
+        truncation: dsel_tokenize::Truncation::Right,
     };
+    assert_eq!(
+        dsel_tokenize::Truncation::default(),
+        dsel_tokenize::Truncation::KeepCompletion
+    );
     let long_prompt = ex("p", &[("user", "a very long prompt that does not fit at all in forty tokens, not even close, because it goes on and on"), ("assistant", "x")]);
     assert_eq!(
         encode(&tok, &fmt, &long_prompt, &cfg).unwrap_err(),
