@@ -364,7 +364,7 @@ struct CompareArgs {
     /// to add as rows; empty for none.
     #[arg(long, default_value = "")]
     selectors: String,
-    /// Optimizer steps of each online row (B = the fine-tune's batch, k = B/2).
+    /// Optimizer steps of each online row (B = the fine-tune's batch; k = B/2, UDS keeps 1 of 4).
     #[arg(long, default_value_t = 50)]
     online_steps: usize,
     /// Seeds per row (selection, LoRA initialisation and data order);
