@@ -5,7 +5,8 @@
 //! * [`readers`]: messages JSONL, prompt/completion JSONL (T0), Alpaca JSON,
 //!   AlpacaEval outputs, FLAN-CoT TSV, Parquet, and a directory reader.
 //! * [`parquet_io`]: the canonical Parquet table (write with zstd, read back).
-//! * [`targets`]: [`load_target_validation`], [`load_target_test`].
+//! * [`targets`]: [`load_target_validation`], [`load_target_test`],
+//!   [`target_fingerprint`] (the content of the files a target is built from).
 //! * [`mixture`]: [`load_pool`], [`mixture_fingerprint`], [`default_data_root`].
 //!
 //! Nothing here panics on user input: errors ([`IngestError`]) name the file, the
@@ -37,7 +38,8 @@ pub use readers::{
     ReadOptions,
 };
 pub use targets::{
-    less_assistant_prefix, load_target_test, load_target_validation, TargetSpec, TaskName,
+    less_assistant_prefix, load_target_test, load_target_validation, target_files,
+    target_fingerprint, TargetSpec, TargetSplit, TaskName,
 };
 
 /// Version of the ingest rules (prompt formats, parsing, skipping). Part of every

@@ -349,6 +349,161 @@ fn field_err(rel: &str, field: &str, msg: impl Into<String>) -> IngestError {
     }
 }
 
+// ---------------------------------------------------------------- files read
+
+const MMLU_DEV: &str = "tasks/mmlu/dev";
+const MMLU_TEST: &str = "tasks/mmlu/test";
+const BBH_THREE_SHOT: &str = "tasks/bbh/bbh-three-shot.json";
+const BBH_COT_PROMPTS: &str = "tasks/bbh/cot-prompts";
+const BBH_TEST: &str = "tasks/bbh/test";
+const TYDIQA_ONE_SHOT: &str = "tasks/tydiqa/tydiqa-one-shot.json";
+const TYDIQA_GOLD: &str = "tasks/tydiqa/gold";
+
+fn mmlu_dev_path(root: &Path, subject: &str) -> PathBuf {
+    root.join(MMLU_DEV).join(format!("{subject}_dev.csv"))
+}
+
+fn mmlu_test_path(root: &Path, subject: &str) -> PathBuf {
+    root.join(MMLU_TEST).join(format!("{subject}_test.csv"))
+}
+
+fn bbh_cot_prompt_path(root: &Path, task: &str) -> PathBuf {
+    root.join(BBH_COT_PROMPTS).join(format!("{task}.txt"))
+}
+
+fn bbh_test_files(root: &Path) -> Result<Vec<PathBuf>> {
+    crate::readers::list_dir(
+        &root.join(BBH_TEST),
+        Some(crate::Format::Alpaca),
+        &ReadOptions::with_root(root),
+    )
+}
+
+fn tydiqa_gold_files(root: &Path) -> Result<Vec<PathBuf>> {
+    crate::readers::list_dir(
+        &root.join(TYDIQA_GOLD),
+        Some(crate::Format::Alpaca),
+        &ReadOptions::with_root(root),
+    )
+}
+
+fn task_stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Which set of a target: the validation examples or the test examples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TargetSplit {
+    /// What [`load_target_validation`] reads.
+    Validation,
+    /// What [`load_target_test`] reads.
+    Test,
+}
+
+/// Every file [`load_target_validation`] (`split` = validation) or
+/// [`load_target_test`] (test) reads for `spec`, each with the name it is
+/// fingerprinted under, sorted by that name. Named tasks: paths relative to
+/// the data root (MMLU validation: every `tasks/mmlu/dev/*_dev.csv`; MMLU
+/// test: every `tasks/mmlu/test/*_test.csv` and its subject's dev file (the
+/// shots); BBH validation: `tasks/bbh/bbh-three-shot.json`; BBH test: every
+/// `tasks/bbh/test/*.json` and its `tasks/bbh/cot-prompts/<task>.txt`;
+/// TyDiQA validation: `tasks/tydiqa/tydiqa-one-shot.json`; TyDiQA test: that
+/// file (the shots) and every `tasks/tydiqa/gold/*.json`). A custom file:
+/// its file name; a custom directory: its supported files, named relative
+/// to it (so the spelling of the target's path does not matter).
+pub fn target_files(
+    spec: &TargetSpec,
+    data_root: &Path,
+    split: TargetSplit,
+) -> Result<Vec<(String, PathBuf)>> {
+    let named = |paths: Vec<PathBuf>| -> Vec<(String, PathBuf)> {
+        paths
+            .into_iter()
+            .map(|p| (display_path(&p, Some(data_root)), p))
+            .collect()
+    };
+    let mut files = match spec {
+        TargetSpec::Named(task) => {
+            check_data_root(data_root)?;
+            let root = data_root;
+            named(match (task, split) {
+                (TaskName::Mmlu, TargetSplit::Validation) => {
+                    mmlu_subjects(&root.join(MMLU_DEV), "_dev.csv", root)?
+                        .iter()
+                        .map(|s| mmlu_dev_path(root, s))
+                        .collect()
+                }
+                (TaskName::Mmlu, TargetSplit::Test) => {
+                    mmlu_subjects(&root.join(MMLU_TEST), "_test.csv", root)?
+                        .iter()
+                        .flat_map(|s| [mmlu_test_path(root, s), mmlu_dev_path(root, s)])
+                        .collect()
+                }
+                (TaskName::Bbh, TargetSplit::Validation) => vec![root.join(BBH_THREE_SHOT)],
+                (TaskName::Bbh, TargetSplit::Test) => bbh_test_files(root)?
+                    .into_iter()
+                    .flat_map(|p| {
+                        let prompt = bbh_cot_prompt_path(root, &task_stem(&p));
+                        [p, prompt]
+                    })
+                    .collect(),
+                (TaskName::Tydiqa, TargetSplit::Validation) => vec![root.join(TYDIQA_ONE_SHOT)],
+                (TaskName::Tydiqa, TargetSplit::Test) => {
+                    let mut v = vec![root.join(TYDIQA_ONE_SHOT)];
+                    v.extend(tydiqa_gold_files(root)?);
+                    v
+                }
+            })
+        }
+        TargetSpec::File(path) if path.is_dir() => {
+            crate::readers::list_dir(path, None, &ReadOptions::with_root(data_root))?
+                .into_iter()
+                .map(|p| (display_path(&p, Some(path)), p))
+                .collect()
+        }
+        TargetSpec::File(path) => vec![(
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| display_path(path, None)),
+            path.clone(),
+        )],
+    };
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+/// Fingerprint of the content a target's `split` is built from: blake3
+/// (hex) of `"dsel-ingest target fingerprint v{INGEST_VERSION}\n"` followed,
+/// for each of [`target_files`] in order, by the name's byte length (u64
+/// little-endian), the name, the file's byte length (u64 little-endian) and
+/// the blake3 of its bytes. Editing any file a loader reads changes it; the
+/// same files under another data root give the same fingerprint.
+pub fn target_fingerprint(
+    spec: &TargetSpec,
+    data_root: &Path,
+    split: TargetSplit,
+) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    h.update(
+        format!(
+            "dsel-ingest target fingerprint v{}\n",
+            crate::INGEST_VERSION
+        )
+        .as_bytes(),
+    );
+    for (name, path) in target_files(spec, data_root, split)? {
+        let bytes = read_bytes(&path, &name)?;
+        h.update(&(name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(blake3::hash(&bytes).as_bytes());
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
 // ---------------------------------------------------------------- MMLU
 
 /// One MMLU CSV row: question, four options, answer letter.
@@ -454,9 +609,7 @@ fn mmlu_subjects(dir: &Path, suffix: &str, root: &Path) -> Result<Vec<String>> {
 }
 
 fn mmlu_dev(root: &Path, subject: &str) -> Result<Vec<MmluRow>> {
-    let path = root
-        .join("tasks/mmlu/dev")
-        .join(format!("{subject}_dev.csv"));
+    let path = mmlu_dev_path(root, subject);
     let rel = display_path(&path, Some(root));
     let mut rows = read_mmlu_csv(&path, &rel)?;
     if rows.len() < 5 {
@@ -470,12 +623,10 @@ fn mmlu_dev(root: &Path, subject: &str) -> Result<Vec<MmluRow>> {
 }
 
 fn mmlu_validation(root: &Path, report: &mut IngestReport) -> Result<Vec<Example>> {
-    let subjects = mmlu_subjects(&root.join("tasks/mmlu/dev"), "_dev.csv", root)?;
+    let subjects = mmlu_subjects(&root.join(MMLU_DEV), "_dev.csv", root)?;
     let mut out = Vec::new();
     for subject in subjects {
-        let path = root
-            .join("tasks/mmlu/dev")
-            .join(format!("{subject}_dev.csv"));
+        let path = mmlu_dev_path(root, &subject);
         let rel = display_path(&path, Some(root));
         let rows = mmlu_dev(root, &subject)?;
         for row in &rows {
@@ -505,7 +656,7 @@ fn mmlu_validation(root: &Path, report: &mut IngestReport) -> Result<Vec<Example
 }
 
 fn mmlu_test(root: &Path, report: &mut IngestReport) -> Result<Vec<Example>> {
-    let subjects = mmlu_subjects(&root.join("tasks/mmlu/test"), "_test.csv", root)?;
+    let subjects = mmlu_subjects(&root.join(MMLU_TEST), "_test.csv", root)?;
     let mut out = Vec::new();
     for subject in subjects {
         let dev = mmlu_dev(root, &subject)?;
@@ -513,9 +664,7 @@ fn mmlu_test(root: &Path, report: &mut IngestReport) -> Result<Vec<Example>> {
         for row in &dev {
             shots.push_str(&mmlu_format_example(row, true));
         }
-        let path = root
-            .join("tasks/mmlu/test")
-            .join(format!("{subject}_test.csv"));
+        let path = mmlu_test_path(root, &subject);
         let rel = display_path(&path, Some(root));
         let rows = read_mmlu_csv(&path, &rel)?;
         for row in &rows {
@@ -540,7 +689,7 @@ fn mmlu_test(root: &Path, report: &mut IngestReport) -> Result<Vec<Example>> {
 // ---------------------------------------------------------------- BBH
 
 fn bbh_validation(root: &Path, report: &mut IngestReport) -> Result<Vec<Example>> {
-    let path = root.join("tasks/bbh/bbh-three-shot.json");
+    let path = root.join(BBH_THREE_SHOT);
     let rel = display_path(&path, Some(root));
     let tasks = read_ordered_object(&path, &rel)?;
     let mut out = Vec::new();
@@ -606,9 +755,7 @@ fn bbh_validation(root: &Path, report: &mut IngestReport) -> Result<Vec<Example>
 /// The BBH CoT prompt of a task as LESS's eval reads it: the file minus its first two
 /// lines (canary and `-----`), stripped.
 fn bbh_cot_prompt(root: &Path, task: &str) -> Result<String> {
-    let path = root
-        .join("tasks/bbh/cot-prompts")
-        .join(format!("{task}.txt"));
+    let path = bbh_cot_prompt_path(root, task);
     let rel = display_path(&path, Some(root));
     let text = read_utf8(&path, &rel)?;
     let body: String = text.split_inclusive('\n').skip(2).collect();
@@ -619,19 +766,11 @@ fn bbh_cot_prompt(root: &Path, task: &str) -> Result<String> {
 }
 
 fn bbh_test(root: &Path, report: &mut IngestReport) -> Result<Vec<Example>> {
-    let dir = root.join("tasks/bbh/test");
-    let files = crate::readers::list_dir(
-        &dir,
-        Some(crate::Format::Alpaca),
-        &ReadOptions::with_root(root),
-    )?;
+    let files = bbh_test_files(root)?;
     let mut out = Vec::new();
     for path in files {
         let rel = display_path(&path, Some(root));
-        let task = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let task = task_stem(&path);
         let prompt = bbh_cot_prompt(root, &task)?;
         let value = read_json_value(&path, &rel)?;
         let examples = value
@@ -693,7 +832,7 @@ struct TydiShot {
 }
 
 fn tydiqa_shots(root: &Path) -> Result<(String, Vec<TydiShot>)> {
-    let path = root.join("tasks/tydiqa/tydiqa-one-shot.json");
+    let path = root.join(TYDIQA_ONE_SHOT);
     let rel = display_path(&path, Some(root));
     let langs = read_ordered_object(&path, &rel)?;
     let mut shots = Vec::new();
@@ -791,12 +930,7 @@ fn tydiqa_file_language(path: &Path) -> Option<&'static str> {
 fn tydiqa_test(root: &Path, report: &mut IngestReport) -> Result<Vec<Example>> {
     let (_, shots) = tydiqa_shots(root)?;
     let shots: HashMap<&str, &TydiShot> = shots.iter().map(|s| (s.lang.as_str(), s)).collect();
-    let dir = root.join("tasks/tydiqa/gold");
-    let files = crate::readers::list_dir(
-        &dir,
-        Some(crate::Format::Alpaca),
-        &ReadOptions::with_root(root),
-    )?;
+    let files = tydiqa_gold_files(root)?;
     let mut out = Vec::new();
     for path in files {
         let rel = display_path(&path, Some(root));

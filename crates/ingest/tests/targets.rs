@@ -278,3 +278,141 @@ fn missing_data_root_names_path_and_env_var() {
         "{e}"
     );
 }
+
+/// Files copied from the shared data into a scratch data root (never
+/// committed): two MMLU subjects (dev) and one's test set, BBH's three-shot
+/// file, one BBH test task with its CoT prompt, TyDiQA's one-shot file and
+/// one gold file.
+const SLICE: [&str; 8] = [
+    "tasks/mmlu/dev/anatomy_dev.csv",
+    "tasks/mmlu/dev/astronomy_dev.csv",
+    "tasks/mmlu/test/anatomy_test.csv",
+    "tasks/bbh/bbh-three-shot.json",
+    "tasks/bbh/test/boolean_expressions.json",
+    "tasks/bbh/cot-prompts/boolean_expressions.txt",
+    "tasks/tydiqa/tydiqa-one-shot.json",
+    "tasks/tydiqa/gold/tydiqa.goldp.sw.train.json",
+];
+
+fn copy_slice(to: &std::path::Path) {
+    for rel in SLICE {
+        let dst = to.join(rel);
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        // A fresh (writable) file: the shared data is read-only.
+        std::fs::write(&dst, std::fs::read(data_root().join(rel)).unwrap()).unwrap();
+    }
+}
+
+/// The documented fingerprint, computed here from the files' bytes.
+fn expected_fingerprint(root: &std::path::Path, names: &[&str]) -> String {
+    let mut names = names.to_vec();
+    names.sort();
+    let mut h = blake3::Hasher::new();
+    h.update(b"dsel-ingest target fingerprint v1\n");
+    for name in names {
+        let bytes = std::fs::read(root.join(name)).unwrap();
+        h.update(&(name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(blake3::hash(&bytes).as_bytes());
+    }
+    h.finalize().to_hex().to_string()
+}
+
+#[test]
+fn named_target_fingerprints_cover_every_file_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    copy_slice(&root);
+    let (val, test) = (TargetSplit::Validation, TargetSplit::Test);
+    let cases: [(TaskName, TargetSplit, Vec<&str>); 6] = [
+        (TaskName::Mmlu, val, vec![SLICE[0], SLICE[1]]),
+        (TaskName::Mmlu, test, vec![SLICE[0], SLICE[2]]),
+        (TaskName::Bbh, val, vec![SLICE[3]]),
+        (TaskName::Bbh, test, vec![SLICE[5], SLICE[4]]),
+        (TaskName::Tydiqa, val, vec![SLICE[6]]),
+        (TaskName::Tydiqa, test, vec![SLICE[7], SLICE[6]]),
+    ];
+    for (task, split, names) in cases {
+        let spec = TargetSpec::Named(task);
+        let files = target_files(&spec, &root, split).unwrap();
+        let got: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(got, names, "{task} {split:?}");
+        // Every file the loader reports reading is covered.
+        let report = match split {
+            TargetSplit::Validation => load_target_validation(&spec, &root).unwrap().1,
+            TargetSplit::Test => load_target_test(&spec, &root, None, 0).unwrap().1,
+        };
+        for f in &report.files {
+            assert!(
+                got.contains(&f.path.as_str()),
+                "{task} {split:?}: {}",
+                f.path
+            );
+        }
+        let fp = target_fingerprint(&spec, &root, split).unwrap();
+        assert_eq!(fp, expected_fingerprint(&root, &names), "{task} {split:?}");
+        // Changing any one byte of any of its files changes it.
+        for name in &names {
+            let path = root.join(name);
+            let orig = std::fs::read(&path).unwrap();
+            let mut edited = orig.clone();
+            edited[orig.len() / 2] ^= 0x20;
+            std::fs::write(&path, &edited).unwrap();
+            let changed = target_fingerprint(&spec, &root, split).unwrap();
+            assert_ne!(changed, fp, "{task} {split:?}: edit of {name} not seen");
+            assert_eq!(changed, expected_fingerprint(&root, &names));
+            std::fs::write(&path, &orig).unwrap();
+        }
+        assert_eq!(target_fingerprint(&spec, &root, split).unwrap(), fp);
+    }
+}
+
+#[test]
+fn editing_a_row_or_moving_the_data_root_is_seen_by_the_fingerprint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    copy_slice(&a);
+    copy_slice(&b);
+    let mmlu = TargetSpec::Named(TaskName::Mmlu);
+    let fp =
+        |root: &std::path::Path| target_fingerprint(&mmlu, root, TargetSplit::Validation).unwrap();
+    // Another data root with the same content: the same fingerprint.
+    assert_eq!(fp(&a), fp(&b));
+    let before = fp(&b);
+    // Edit one row of anatomy's dev file under `b`.
+    let path = b.join("tasks/mmlu/dev/anatomy_dev.csv");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let edited = text.replacen("hyoid bone", "stapes bone", 1);
+    assert_ne!(edited, text);
+    std::fs::write(&path, &edited).unwrap();
+    assert_ne!(fp(&b), before);
+    assert_ne!(fp(&b), fp(&a));
+    assert_eq!(fp(&b), expected_fingerprint(&b, &[SLICE[0], SLICE[1]]));
+    let (ex, _) = load_target_validation(&mmlu, &b).unwrap();
+    assert!(ex
+        .iter()
+        .any(|e| e.messages[0].content.contains("stapes bone")));
+    // The test split reads the dev file too (its shots).
+    let t = |root: &std::path::Path| target_fingerprint(&mmlu, root, TargetSplit::Test).unwrap();
+    assert_ne!(t(&a), t(&b));
+
+    // A custom file: keyed on its name and bytes, wherever it lies and
+    // however its path is spelled.
+    let (fa, fb) = (a.join("mine.jsonl"), b.join("mine.jsonl"));
+    let line = r#"{"messages":[{"role":"user","content":"q"},{"role":"assistant","content":"a"}]}"#;
+    std::fs::write(&fa, format!("{line}\n")).unwrap();
+    std::fs::write(&fb, format!("{line}\n")).unwrap();
+    let custom = |p: &std::path::Path| {
+        target_fingerprint(
+            &TargetSpec::File(p.to_path_buf()),
+            &a,
+            TargetSplit::Validation,
+        )
+        .unwrap()
+    };
+    assert_eq!(custom(&fa), custom(&fb));
+    assert_eq!(custom(&fa), expected_fingerprint(&a, &["mine.jsonl"]));
+    std::fs::write(&fb, format!("{line}\n{line}\n")).unwrap();
+    assert_ne!(custom(&fa), custom(&fb));
+}

@@ -19,7 +19,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use dsel_basetrain::FinetuneConfig;
 use dsel_eval::{BbhOptions, ItemResult, MmluOptions, PromptEncoder, TydiqaOptions};
-use dsel_ingest::{ReadOptions, TargetSpec, TaskName};
+use dsel_ingest::{ReadOptions, TargetSpec, TargetSplit, TaskName};
 use dsel_model::{LoraConfig, Model};
 use dsel_store::{Artifact, StageSpec};
 use dsel_tokenize::TokenizedSet;
@@ -306,7 +306,8 @@ fn write_jsonl(path: &Path, items: &[ItemResult]) -> Result<()> {
 /// Evaluate the loaded model (plus `adapter`, a fine-tune artifact, when
 /// given; `lora` is its shape, read from the adapter file when `None`) on
 /// `task`'s test examples: stage `eval`, keyed on the model fingerprint, the
-/// adapter key, the task (and a custom file's content) and `cfg`.
+/// adapter key, the task, the content of the files its test set is read
+/// from ([`dsel_ingest::target_fingerprint`]) and `cfg`.
 pub fn evaluate(
     p: &mut Pipeline,
     task: &str,
@@ -315,22 +316,19 @@ pub fn evaluate(
     cfg: &EvalConfig,
 ) -> Result<EvalResult> {
     let spec_t = TargetSpec::parse(task)?;
-    let (task_name, task_fp, named, cap) = match &spec_t {
+    let (task_name, named, cap) = match &spec_t {
         TargetSpec::Named(t) => {
             let cap = match t {
                 TaskName::Mmlu => cfg.caps.mmlu,
                 TaskName::Bbh => cfg.caps.bbh,
                 TaskName::Tydiqa => cfg.caps.tydiqa,
             };
-            (t.name().to_string(), String::new(), Some(*t), cap)
+            (t.name().to_string(), Some(*t), cap)
         }
-        TargetSpec::File(path) => (
-            path.display().to_string(),
-            crate::model_fingerprint(path)?,
-            None,
-            cfg.caps.custom,
-        ),
+        TargetSpec::File(path) => (path.display().to_string(), None, cfg.caps.custom),
     };
+    // Every file the test set is read from (named tasks too: their data root's files).
+    let task_fp = dsel_ingest::target_fingerprint(&spec_t, &p.data_root, TargetSplit::Test)?;
     let (format, bos_id) = p.chat_format()?;
     let m = p.model()?;
     let fp = m.fingerprint.clone();
@@ -495,7 +493,7 @@ pub fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
 
     use candle_core::Device;
     use dsel_model::{Batch, Mode};
@@ -603,6 +601,114 @@ mod tests {
         let again = evaluate(&mut q, &task, Some(&a2), None, &ecfg).unwrap();
         assert!((again.test_loss - tuned.test_loss).abs() < 1e-12);
         assert!(q.records.iter().all(|r| r.cache_hit), "{:?}", q.records);
+    }
+
+    /// The documented target fingerprint, computed here from the files' bytes.
+    fn expected_fingerprint(root: &Path, names: &[&str]) -> String {
+        let mut names = names.to_vec();
+        names.sort();
+        let mut h = blake3::Hasher::new();
+        h.update(b"dsel-ingest target fingerprint v1\n");
+        for name in names {
+            let bytes = std::fs::read(root.join(name)).unwrap();
+            h.update(&(name.len() as u64).to_le_bytes());
+            h.update(name.as_bytes());
+            h.update(&(bytes.len() as u64).to_le_bytes());
+            h.update(blake3::hash(&bytes).as_bytes());
+        }
+        h.finalize().to_hex().to_string()
+    }
+
+    fn replace_in(path: &Path, from: &str, to: &str) {
+        let text = std::fs::read_to_string(path).unwrap();
+        assert!(text.contains(from), "{from:?} not in {}", path.display());
+        std::fs::write(path, text.replacen(from, to, 1)).unwrap();
+    }
+
+    /// A named target's ingest and eval artifacts are keyed on the bytes of
+    /// the files they read: editing a row rebuilds them, and another data
+    /// root is keyed by its own content. Runs on a copy of one MMLU subject
+    /// (its dev file and the first rows of its test file) in a scratch data root.
+    #[test]
+    fn named_targets_are_keyed_on_the_files_they_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dev, test) = (
+            "tasks/mmlu/dev/anatomy_dev.csv",
+            "tasks/mmlu/test/anatomy_test.csv",
+        );
+        let copy = |root: &Path| {
+            for rel in [dev, test] {
+                let text = std::fs::read_to_string(data_root().join(rel)).unwrap();
+                let text = if rel == test {
+                    text.lines().take(3).map(|l| format!("{l}\n")).collect()
+                } else {
+                    text
+                };
+                std::fs::create_dir_all(root.join(rel).parent().unwrap()).unwrap();
+                std::fs::write(root.join(rel), text).unwrap();
+            }
+        };
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        copy(&a);
+        copy(&b);
+        let cache = tmp.path().join("cache");
+        let mmlu = TargetSpec::Named(TaskName::Mmlu);
+        let hit = |p: &Pipeline| p.records.last().unwrap().cache_hit;
+
+        // Validation (ingest): keyed on the dev file.
+        let mut p = Pipeline::new(&cache, &a).unwrap();
+        let v1 = p.ingest_target(&mmlu).unwrap();
+        assert_eq!(
+            v1.manifest().config["fingerprint"],
+            expected_fingerprint(&a, &[dev])
+        );
+        replace_in(&a.join(dev), "hyoid bone", "stapes bone");
+        let v2 = p.ingest_target(&mmlu).unwrap();
+        assert!(!hit(&p), "an edited dev row was served from the cache");
+        assert_ne!(v2.key(), v1.key());
+        assert_eq!(
+            v2.manifest().config["fingerprint"],
+            expected_fingerprint(&a, &[dev])
+        );
+        let ex = p.examples(&v2).unwrap();
+        assert!(ex[0].messages[0].content.contains("stapes bone"));
+        // `b` still holds the original rows: its own content's key (v1's).
+        let mut q = Pipeline::new(&cache, &b).unwrap();
+        assert_eq!(q.ingest_target(&mmlu).unwrap().key(), v1.key());
+        assert!(hit(&q));
+
+        // Test (eval): keyed on the test file and the dev file (the shots).
+        p.load_model(&data_root().join("models/stories260K/hf"))
+            .unwrap();
+        let mut cfg = EvalConfig::cpu();
+        cfg.caps.mmlu = Some(1);
+        cfg.mmlu = MmluOptions {
+            shots: Some(0),
+            ..MmluOptions::direct()
+        };
+        let eval_key = |p: &Pipeline| p.records.last().unwrap().key.clone();
+        evaluate(&mut p, "mmlu", None, None, &cfg).unwrap();
+        let e1 = eval_key(&p);
+        let fp = |p: &Pipeline, k: &str| {
+            p.store.open_artifact(k).unwrap().manifest().config["task_fingerprint"].clone()
+        };
+        assert_eq!(fp(&p, &e1), expected_fingerprint(&a, &[dev, test]));
+        replace_in(&a.join(test), "stylomastoid", "jugular");
+        evaluate(&mut p, "mmlu", None, None, &cfg).unwrap();
+        assert!(!hit(&p), "an edited test row was served from the cache");
+        let e2 = eval_key(&p);
+        assert_ne!(e2, e1);
+        assert_eq!(fp(&p, &e2), expected_fingerprint(&a, &[dev, test]));
+        // The same model on `b`'s (original) files: neither of `a`'s keys.
+        q.load_model(&data_root().join("models/stories260K/hf"))
+            .unwrap();
+        evaluate(&mut q, "mmlu", None, None, &cfg).unwrap();
+        assert!(!hit(&q));
+        assert!(![&e1, &e2].contains(&&eval_key(&q)));
+        assert_eq!(
+            fp(&q, &eval_key(&q)),
+            expected_fingerprint(&b, &[dev, test])
+        );
     }
 
     /// Slow in the dev profile (~4.5 min on a loaded 2-core machine: the

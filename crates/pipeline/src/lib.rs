@@ -180,15 +180,18 @@ impl Pipeline {
         Ok(o.artifact)
     }
 
-    /// Ingest a target's validation examples (LESS's D_val for named tasks).
+    /// Ingest a target's validation examples (LESS's D_val for named tasks),
+    /// keyed on the content of every file they are read from.
     pub fn ingest_target(&mut self, target: &TargetSpec) -> Result<Artifact> {
-        let (name, fingerprint) = match target {
-            TargetSpec::Named(t) => (t.name().to_string(), String::new()),
-            TargetSpec::File(p) => (
-                canonical_file_arg(&p.display().to_string()),
-                model_fingerprint(p)?,
-            ),
+        let name = match target {
+            TargetSpec::Named(t) => t.name().to_string(),
+            TargetSpec::File(p) => canonical_file_arg(&p.display().to_string()),
         };
+        let fingerprint = dsel_ingest::target_fingerprint(
+            target,
+            &self.data_root,
+            dsel_ingest::TargetSplit::Validation,
+        )?;
         let spec = StageSpec::new(
             "ingest",
             INGEST_VERSION,
