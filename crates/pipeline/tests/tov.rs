@@ -411,11 +411,12 @@ fn a_target_without_a_usable_example_fails_every_method_naming_the_file_and_the_
 fn options_that_zero_every_score_are_rejected_by_name() {
     let tmp = tempfile::tempdir().unwrap();
     let target = fixture("toy_target.jsonl");
-    let cases: Vec<(Box<dyn Fn(&mut SelectRequest)>, &str)> = vec![
-        (Box::new(|r| r.valtune.epochs = 0), "--val-epochs"),
-        (Box::new(|r| r.valtune.lr_ratio = 0.0), "--val-lr-ratio"),
-        (Box::new(|r| r.values.lr = 0.0), "--lr"),
-        (Box::new(|r| r.n_bins = 0), "--bins"),
+    type Edit = fn(&mut SelectRequest);
+    let cases: [(Edit, &str); 4] = [
+        (|r| r.valtune.epochs = 0, "--val-epochs"),
+        (|r| r.valtune.lr_ratio = 0.0, "--val-lr-ratio"),
+        (|r| r.values.lr = 0.0, "--lr"),
+        (|r| r.n_bins = 0, "--bins"),
     ];
     for (edit, option) in cases {
         let mut req = request(tmp.path(), &target, Method::Tov, 1, "bad");
