@@ -61,8 +61,9 @@ pub struct FinetuneReport {
     pub tokens_per_second: f64,
     /// Every micro-batch this call trained on, in order: its optimizer step,
     /// learning rate and the set rows it held (a resumed call lists only the
-    /// micro-batches after the checkpoint it resumed from).
-    #[serde(default)]
+    /// micro-batches after the checkpoint it resumed from). In memory only:
+    /// not written to `train.json` or the manifest (it grows with the data).
+    #[serde(skip)]
     pub micro_batches: Vec<MicroBatchRecord>,
 }
 
