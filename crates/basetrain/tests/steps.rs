@@ -45,12 +45,7 @@ fn hf_lr(peak: f64, s: u64, total: u64, ratio: f64) -> f64 {
 fn base_train_steps_follow_the_linear_warmup_schedule_and_see_every_example_once_per_epoch() {
     let (raw, mut model) = dsel_testkit::stories();
     let tmp = tempfile::tempdir().unwrap();
-    let set = dsel_testkit::tokenized(
-        &raw,
-        &dsel_testkit::toy_examples(14, "u"),
-        64,
-        &tmp.path().join("set"),
-    );
+    let set = dsel_testkit::toy_set(&raw, 14, "u", tmp.path());
     // U = 10 of the 14 rows, 2 epochs of ceil(10/4) = 3 steps.
     let u: Vec<usize> = vec![0, 1, 2, 4, 5, 7, 8, 10, 12, 13];
     let c = cfg(2, false);
@@ -105,12 +100,7 @@ fn base_train_steps_follow_the_linear_warmup_schedule_and_see_every_example_once
 fn length_grouping_visits_the_longest_examples_first() {
     let (raw, mut model) = dsel_testkit::stories();
     let tmp = tempfile::tempdir().unwrap();
-    let set = dsel_testkit::tokenized(
-        &raw,
-        &dsel_testkit::toy_examples(9, "g"),
-        64,
-        &tmp.path().join("set"),
-    );
+    let set = dsel_testkit::toy_set(&raw, 9, "g", tmp.path());
     let all: Vec<usize> = (0..9).collect();
     let out = tmp.path().join("out");
     std::fs::create_dir_all(&out).unwrap();

@@ -303,22 +303,6 @@ fn copy_slice(to: &std::path::Path) {
     }
 }
 
-/// The documented fingerprint, computed here from the files' bytes.
-fn expected_fingerprint(root: &std::path::Path, names: &[&str]) -> String {
-    let mut names = names.to_vec();
-    names.sort();
-    let mut h = blake3::Hasher::new();
-    h.update(b"dsel-ingest target fingerprint v1\n");
-    for name in names {
-        let bytes = std::fs::read(root.join(name)).unwrap();
-        h.update(&(name.len() as u64).to_le_bytes());
-        h.update(name.as_bytes());
-        h.update(&(bytes.len() as u64).to_le_bytes());
-        h.update(blake3::hash(&bytes).as_bytes());
-    }
-    h.finalize().to_hex().to_string()
-}
-
 #[test]
 fn named_target_fingerprints_cover_every_file_read() {
     let tmp = tempfile::tempdir().unwrap();
@@ -351,7 +335,11 @@ fn named_target_fingerprints_cover_every_file_read() {
             );
         }
         let fp = target_fingerprint(&spec, &root, split).unwrap();
-        assert_eq!(fp, expected_fingerprint(&root, &names), "{task} {split:?}");
+        assert_eq!(
+            fp,
+            dsel_testkit::expected_target_fingerprint(&root, &names),
+            "{task} {split:?}"
+        );
         // Changing any one byte of any of its files changes it.
         for name in &names {
             let path = root.join(name);
@@ -361,7 +349,10 @@ fn named_target_fingerprints_cover_every_file_read() {
             std::fs::write(&path, &edited).unwrap();
             let changed = target_fingerprint(&spec, &root, split).unwrap();
             assert_ne!(changed, fp, "{task} {split:?}: edit of {name} not seen");
-            assert_eq!(changed, expected_fingerprint(&root, &names));
+            assert_eq!(
+                changed,
+                dsel_testkit::expected_target_fingerprint(&root, &names)
+            );
             std::fs::write(&path, &orig).unwrap();
         }
         assert_eq!(target_fingerprint(&spec, &root, split).unwrap(), fp);
@@ -388,7 +379,10 @@ fn editing_a_row_or_moving_the_data_root_is_seen_by_the_fingerprint() {
     std::fs::write(&path, &edited).unwrap();
     assert_ne!(fp(&b), before);
     assert_ne!(fp(&b), fp(&a));
-    assert_eq!(fp(&b), expected_fingerprint(&b, &[SLICE[0], SLICE[1]]));
+    assert_eq!(
+        fp(&b),
+        dsel_testkit::expected_target_fingerprint(&b, &[SLICE[0], SLICE[1]])
+    );
     let (ex, _) = load_target_validation(&mmlu, &b).unwrap();
     assert!(ex
         .iter()
@@ -412,7 +406,10 @@ fn editing_a_row_or_moving_the_data_root_is_seen_by_the_fingerprint() {
         .unwrap()
     };
     assert_eq!(custom(&fa), custom(&fb));
-    assert_eq!(custom(&fa), expected_fingerprint(&a, &["mine.jsonl"]));
+    assert_eq!(
+        custom(&fa),
+        dsel_testkit::expected_target_fingerprint(&a, &["mine.jsonl"])
+    );
     std::fs::write(&fb, format!("{line}\n{line}\n")).unwrap();
     assert_ne!(custom(&fa), custom(&fb));
 }

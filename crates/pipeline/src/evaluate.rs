@@ -603,22 +603,6 @@ mod tests {
         assert!(q.records.iter().all(|r| r.cache_hit), "{:?}", q.records);
     }
 
-    /// The documented target fingerprint, computed here from the files' bytes.
-    fn expected_fingerprint(root: &Path, names: &[&str]) -> String {
-        let mut names = names.to_vec();
-        names.sort();
-        let mut h = blake3::Hasher::new();
-        h.update(b"dsel-ingest target fingerprint v1\n");
-        for name in names {
-            let bytes = std::fs::read(root.join(name)).unwrap();
-            h.update(&(name.len() as u64).to_le_bytes());
-            h.update(name.as_bytes());
-            h.update(&(bytes.len() as u64).to_le_bytes());
-            h.update(blake3::hash(&bytes).as_bytes());
-        }
-        h.finalize().to_hex().to_string()
-    }
-
     fn replace_in(path: &Path, from: &str, to: &str) {
         let text = std::fs::read_to_string(path).unwrap();
         assert!(text.contains(from), "{from:?} not in {}", path.display());
@@ -660,7 +644,7 @@ mod tests {
         let v1 = p.ingest_target(&mmlu).unwrap();
         assert_eq!(
             v1.manifest().config["fingerprint"],
-            expected_fingerprint(&a, &[dev])
+            dsel_testkit::expected_target_fingerprint(&a, &[dev])
         );
         replace_in(&a.join(dev), "hyoid bone", "stapes bone");
         let v2 = p.ingest_target(&mmlu).unwrap();
@@ -668,7 +652,7 @@ mod tests {
         assert_ne!(v2.key(), v1.key());
         assert_eq!(
             v2.manifest().config["fingerprint"],
-            expected_fingerprint(&a, &[dev])
+            dsel_testkit::expected_target_fingerprint(&a, &[dev])
         );
         let ex = p.examples(&v2).unwrap();
         assert!(ex[0].messages[0].content.contains("stapes bone"));
@@ -692,13 +676,19 @@ mod tests {
         let fp = |p: &Pipeline, k: &str| {
             p.store.open_artifact(k).unwrap().manifest().config["task_fingerprint"].clone()
         };
-        assert_eq!(fp(&p, &e1), expected_fingerprint(&a, &[dev, test]));
+        assert_eq!(
+            fp(&p, &e1),
+            dsel_testkit::expected_target_fingerprint(&a, &[dev, test])
+        );
         replace_in(&a.join(test), "stylomastoid", "jugular");
         evaluate(&mut p, "mmlu", None, None, &cfg).unwrap();
         assert!(!hit(&p), "an edited test row was served from the cache");
         let e2 = eval_key(&p);
         assert_ne!(e2, e1);
-        assert_eq!(fp(&p, &e2), expected_fingerprint(&a, &[dev, test]));
+        assert_eq!(
+            fp(&p, &e2),
+            dsel_testkit::expected_target_fingerprint(&a, &[dev, test])
+        );
         // The same model on `b`'s (original) files: neither of `a`'s keys.
         q.load_model(&data_root().join("models/stories260K/hf"))
             .unwrap();
@@ -707,7 +697,7 @@ mod tests {
         assert!(![&e1, &e2].contains(&&eval_key(&q)));
         assert_eq!(
             fp(&q, &eval_key(&q)),
-            expected_fingerprint(&b, &[dev, test])
+            dsel_testkit::expected_target_fingerprint(&b, &[dev, test])
         );
     }
 

@@ -312,6 +312,11 @@ impl SelectRequest {
     }
 }
 
+/// The ingest report recorded in an ingest artifact's manifest.
+fn ingest_report(ing: &Artifact) -> dsel_ingest::IngestReport {
+    serde_json::from_value(ing.manifest().info.clone()).unwrap_or_default()
+}
+
 /// Ingest and tokenize the target; a target with no usable example is an
 /// error naming the file and why each example was skipped.
 fn target_tokens(
@@ -331,8 +336,7 @@ fn target_tokens(
     let ing = p
         .ingest_target(target)
         .with_context(|| format!("{where_}: reading the target examples"))?;
-    let report: dsel_ingest::IngestReport =
-        serde_json::from_value(ing.manifest().info.clone()).unwrap_or_default();
+    let report = ingest_report(&ing);
     let skips = report
         .skipped_by_reason
         .iter()
@@ -654,19 +658,20 @@ pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<Sele
         &selected,
         &selected_scores,
     )?;
-    let mut pool_skipped = std::collections::BTreeMap::new();
-    for (prefix, info, field) in [
-        ("ingest", &pool_ing.manifest().info, "skipped_by_reason"),
-        ("tokenize", &pool_tok.manifest().info, "skipped"),
-    ] {
-        if let Some(m) = info.get(field).and_then(|v| v.as_object()) {
-            for (reason, count) in m {
-                if let Some(c) = count.as_u64().filter(|&c| c > 0) {
-                    pool_skipped.insert(format!("{prefix}:{reason}"), c);
-                }
-            }
-        }
-    }
+    let tok_report: dsel_tokenize::TokenizeReport =
+        serde_json::from_value(pool_tok.manifest().info.clone()).unwrap_or_default();
+    let pool_skipped: std::collections::BTreeMap<String, u64> = ingest_report(&pool_ing)
+        .skipped_by_reason
+        .into_iter()
+        .map(|(reason, c)| (format!("ingest:{reason}"), c))
+        .chain(
+            tok_report
+                .skipped
+                .into_iter()
+                .map(|(reason, c)| (format!("tokenize:{reason}"), c)),
+        )
+        .filter(|(_, c)| *c > 0)
+        .collect();
     let requested = req.budget.requested(n);
     if order.len() < requested {
         tracing::warn!(

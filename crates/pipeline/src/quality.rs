@@ -26,6 +26,7 @@ use dsel_ingest::SubsetOptions;
 use dsel_select::ScoreRow;
 use serde::{Deserialize, Serialize};
 
+use crate::compare::mean_std;
 use crate::methods::{self, Method, SelectRequest};
 use crate::Pipeline;
 
@@ -153,17 +154,6 @@ pub fn mean_percentile(rows: &[ScoreRow], source: &str) -> Option<f64> {
     (count > 0).then(|| sum / count as f64)
 }
 
-/// Mean and sample standard deviation (0 for one value).
-pub fn mean_std(v: &[f64]) -> (f64, f64) {
-    let n = v.len() as f64;
-    let m = v.iter().sum::<f64>() / n.max(1.0);
-    if v.len() < 2 {
-        return (m, 0.0);
-    }
-    let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0);
-    (m, var.sqrt())
-}
-
 /// Writes the held-out target and the pool mixture for `task` under `dir`;
 /// returns (target file, mixture file, the task's source name).
 pub fn prepare_task(
@@ -252,7 +242,7 @@ pub fn run(
     let mut runs = Vec::new();
     for task in &opts.tasks {
         let (target, mixture, source) = prepare_task(
-            &p.data_root.clone(),
+            &p.data_root,
             task,
             opts.n_target,
             &out.join("data").join(task),

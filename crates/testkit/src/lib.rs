@@ -82,3 +82,28 @@ pub fn tokenized(raw: &RawModel, examples: &[Example], max_len: usize, dir: &Pat
     .expect("tokenizing");
     TokenizedSet::open(dir).expect("opening the set")
 }
+
+/// [`toy_examples`]`(n, tag)` tokenized with a 64-token window into
+/// `dir/<tag>` and opened.
+pub fn toy_set(raw: &RawModel, n: usize, tag: &str, dir: &Path) -> TokenizedSet {
+    tokenized(raw, &toy_examples(n, tag), 64, &dir.join(tag))
+}
+
+/// A target's fingerprint as `dsel-ingest` documents it, computed here
+/// independently from the files' bytes: blake3 over a version line, then for
+/// each file in name order its name and size (little-endian u64 lengths) and
+/// the blake3 of its bytes.
+pub fn expected_target_fingerprint(root: &Path, names: &[&str]) -> String {
+    let mut names = names.to_vec();
+    names.sort();
+    let mut h = blake3::Hasher::new();
+    h.update(b"dsel-ingest target fingerprint v1\n");
+    for name in names {
+        let bytes = std::fs::read(root.join(name)).expect("reading a target file");
+        h.update(&(name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(blake3::hash(&bytes).as_bytes());
+    }
+    h.finalize().to_hex().to_string()
+}

@@ -51,18 +51,8 @@ fn lora_values(path: &Path) -> Vec<(String, Vec<u8>)> {
 fn check_target(n_target: usize, epochs: usize) {
     let (raw, mut model) = dsel_testkit::stories();
     let tmp = tempfile::tempdir().unwrap();
-    let pool = dsel_testkit::tokenized(
-        &raw,
-        &dsel_testkit::toy_examples(16, "p"),
-        64,
-        &tmp.path().join("pool"),
-    );
-    let target = dsel_testkit::tokenized(
-        &raw,
-        &dsel_testkit::toy_examples(n_target, "t"),
-        64,
-        &tmp.path().join("target"),
-    );
+    let pool = dsel_testkit::toy_set(&raw, 16, "p", tmp.path());
+    let target = dsel_testkit::toy_set(&raw, n_target, "t", tmp.path());
     let base = base_cfg();
     let bas_dir = tmp.path().join("bas");
     std::fs::create_dir_all(&bas_dir).unwrap();
@@ -150,12 +140,7 @@ fn derived_config_has_no_warmup_and_a_constant_rate() {
 fn zero_epochs_or_a_zero_ratio_are_rejected_by_name() {
     let (raw, mut model) = dsel_testkit::stories();
     let tmp = tempfile::tempdir().unwrap();
-    let target = dsel_testkit::tokenized(
-        &raw,
-        &dsel_testkit::toy_examples(3, "t"),
-        64,
-        &tmp.path().join("target"),
-    );
+    let target = dsel_testkit::toy_set(&raw, 3, "t", tmp.path());
     let p = tmp.path();
     let start = p.join("none.safetensors");
     for (v, word) in [
