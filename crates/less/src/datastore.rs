@@ -258,6 +258,8 @@ fn plan_batches(lengths: &[usize], order: &[usize], cfg: &DatastoreConfig) -> Ve
 /// Accumulates gradient rows and projects them in batches.
 struct Projecting<'a> {
     proj: &'a Projector,
+    /// Precision of the projection products (the model's).
+    precision: dsel_kernels::Precision,
     p: usize,
     buf: Vec<f32>,
     rows: Vec<usize>,
@@ -272,8 +274,15 @@ impl Projecting<'_> {
         let d = self.proj.dim();
         let n = self.rows.len();
         let mut feats = vec![0f32; n * d];
-        self.proj
-            .project_accumulate(&self.buf, n, self.p, self.p, 0, &mut feats)?;
+        self.proj.project_accumulate_at(
+            &self.buf,
+            n,
+            self.p,
+            self.p,
+            0,
+            &mut feats,
+            self.precision,
+        )?;
         normalize_rows(&mut feats, d);
         for (r, &pos) in self.rows.iter().enumerate() {
             for (dst, src) in out[pos * d..(pos + 1) * d]
@@ -312,6 +321,7 @@ fn compute_shard(
     let mut out = vec![f16::ZERO; range.len() * d];
     let mut acc = Projecting {
         proj,
+        precision: model.precision(),
         p,
         buf: Vec::new(),
         rows: Vec::with_capacity(cfg.proj_batch),

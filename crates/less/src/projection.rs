@@ -10,11 +10,13 @@
 //! [`Projector::project_accumulate`] computes `out += G · Π[p0..p0+k, :]` for
 //! a batch of gradient rows: it generates `block_rows` rows of Π at a time
 //! (in parallel, 64 signs per hash, expanded through a byte lookup table) and
-//! multiplies them with the `gemm` kernel (strided, accumulating). The
+//! multiplies each block with the whole batch of rows in one product on the
+//! compute core's GEMM (strided, accumulating; f32 or bf16). The
 //! generation cost is shared by every row of the batch, so large batches run
 //! close to the GEMM's speed.
 
 use anyhow::{bail, Result};
+use dsel_kernels::Precision;
 use dsel_model::rng::{hash_words, mix64};
 use rayon::prelude::*;
 
@@ -121,7 +123,7 @@ impl Projector {
     /// `out[b, :] += Σ_{c<k} g[b·stride + c] · Π[p0 + c, :]` for `b < rows`:
     /// the projection of columns `p0 .. p0+k` of a batch of gradient rows
     /// (`g` row-major with row stride `stride ≥ k`), accumulated into `out`
-    /// (`rows × d`). Π is generated `block_rows` rows at a time.
+    /// (`rows × d`), in f32. Π is generated `block_rows` rows at a time.
     pub fn project_accumulate(
         &self,
         g: &[f32],
@@ -130,6 +132,23 @@ impl Projector {
         k: usize,
         p0: u64,
         out: &mut [f32],
+    ) -> Result<()> {
+        self.project_accumulate_at(g, rows, stride, k, p0, out, Precision::F32)
+    }
+
+    /// [`Projector::project_accumulate`] at `precision`: each block of Π
+    /// (±1, exact in bf16) meets the whole batch of rows in one product on
+    /// the compute core's GEMM ([`dsel_kernels::gemm_accumulate`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn project_accumulate_at(
+        &self,
+        g: &[f32],
+        rows: usize,
+        stride: usize,
+        k: usize,
+        p0: u64,
+        out: &mut [f32],
+        precision: Precision,
     ) -> Result<()> {
         let d = self.d;
         if rows == 0 || k == 0 {
@@ -144,41 +163,13 @@ impl Projector {
         }
         let block = self.block_rows.min(k);
         let mut r = vec![0f32; block * d];
-        let threads = rayon::current_num_threads();
         let mut c0 = 0usize;
         while c0 < k {
             let kb = block.min(k - c0);
             self.fill_rows(p0 + c0 as u64, kb, &mut r);
-            // SAFETY: the bounds above guarantee every accessed element is in
-            // range: lhs rows b < rows read g[b·stride + c0 .. + kb] with
-            // c0 + kb ≤ k ≤ stride; rhs is kb × d; dst is rows × d.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    d,
-                    kb,
-                    out.as_mut_ptr(),
-                    1,
-                    d as isize,
-                    true,
-                    g.as_ptr().add(c0),
-                    1,
-                    stride as isize,
-                    r.as_ptr(),
-                    1,
-                    d as isize,
-                    1.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    if threads > 1 {
-                        gemm::Parallelism::Rayon(threads)
-                    } else {
-                        gemm::Parallelism::None
-                    },
-                );
-            }
+            // Columns c0 .. c0+kb of every row: a strided view of g.
+            let a = &g[c0..(rows - 1) * stride + c0 + kb];
+            dsel_kernels::gemm_accumulate(rows, d, kb, a, stride, &r, d, out, precision)?;
             c0 += kb;
         }
         Ok(())

@@ -12,9 +12,7 @@
 //!   products.
 
 pub mod batch;
-pub mod blas;
 pub mod config;
-mod fused;
 pub mod gguf;
 pub mod hf;
 pub mod llama2c;
@@ -25,6 +23,7 @@ pub mod rng;
 
 pub use batch::{Batch, Mode};
 pub use config::LlamaConfig;
+pub use dsel_kernels::Precision;
 pub use hf::load_hf;
 pub use lora::{LoraConfig, LORA_TARGETS};
 pub use model::{LoraCapture, Model, PerExampleGrads, LORA_META_KEY};

@@ -13,7 +13,7 @@ use crate::ops::{
     apply_rope, attention_mask, gather_log_softmax, linear, masked_softmax_last, rms_norm,
     rope_tables,
 };
-use crate::{LlamaConfig, RawModel};
+use crate::{LlamaConfig, Precision, RawModel};
 
 /// Slots of the seven projections of a layer, in [`LORA_TARGETS`] order.
 const Q: usize = 0;
@@ -101,6 +101,7 @@ pub struct Model {
     norm: Tensor,
     lm_head: Tensor,
     lora_cfg: Option<LoraConfig>,
+    precision: Precision,
 }
 
 fn take(raw: &RawModel, name: &str, shape: &[usize]) -> Result<Tensor> {
@@ -196,6 +197,7 @@ impl Model {
             norm,
             lm_head,
             lora_cfg: None,
+            precision: Precision::F32,
         })
     }
 
@@ -212,6 +214,34 @@ impl Model {
     /// The compute dtype (that of the loaded weights).
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The precision of the matrix products (see [`Precision`]).
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Sets the precision of every matrix product. [`Precision::Bf16`]
+    /// converts the frozen projection weights and the LM head to bf16 once
+    /// (halving their memory); the embedding, norms, LoRA weights and all
+    /// activations stay in the model dtype. A model whose weights are f64
+    /// (tests) ignores the request; going back from bf16 to f32 is refused
+    /// (the rounding cannot be undone: load the model again).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        if precision == self.precision || self.dtype != DType::F32 {
+            return Ok(());
+        }
+        if precision == Precision::F32 {
+            bail!("model precision: cannot go back from bf16 to f32 weights; load the model again");
+        }
+        for layer in &mut self.layers {
+            for w in layer.w.iter_mut() {
+                *w = w.to_dtype(DType::BF16)?;
+            }
+        }
+        self.lm_head = self.lm_head.to_dtype(DType::BF16)?;
+        self.precision = precision;
+        Ok(())
     }
 
     /// The active LoRA configuration, if any.
@@ -495,7 +525,7 @@ impl Model {
         captures: &mut Vec<Capture>,
         real: &Tensor,
     ) -> Result<Tensor> {
-        let mut y = linear(x, w)?;
+        let mut y = linear(x, w, self.precision)?;
         if let Some(b) = bias {
             y = y.broadcast_add(b)?;
         }
@@ -521,8 +551,8 @@ impl Model {
         } else {
             (m.a.as_tensor().clone(), m.b.as_tensor().clone())
         };
-        let h = linear(&xd, &a)?;
-        let mut u = linear(&h, &b)?;
+        let h = linear(&xd, &a, self.precision)?;
+        let mut u = linear(&h, &b, self.precision)?;
         if fwd.capture {
             let probe = Var::zeros(u.shape(), self.dtype, &self.device)?;
             u = (u + probe.as_tensor())?;
@@ -590,12 +620,14 @@ impl Model {
             // GQA without repeating K/V: query head h = g·n_rep + r uses KV
             // head g, so group the query heads and stack them along time.
             let qg = q.reshape((b, nkv, n_rep * t, hd))?;
-            let scores = crate::ops::matmul(&qg, &k.t()?)?.reshape((b, nh, t, t))?;
+            let scores =
+                crate::ops::matmul(&qg, &k.t()?, self.precision)?.reshape((b, nh, t, t))?;
             let probs = masked_softmax_last(&scores, &mask)?;
-            let ctx = crate::ops::matmul(&probs.reshape((b, nkv, n_rep * t, t))?, &v)?
-                .reshape((b, nh, t, hd))?
-                .transpose(1, 2)?
-                .reshape((b, t, nh * hd))?;
+            let ctx =
+                crate::ops::matmul(&probs.reshape((b, nkv, n_rep * t, t))?, &v, self.precision)?
+                    .reshape((b, nh, t, hd))?
+                    .transpose(1, 2)?
+                    .reshape((b, t, nh * hd))?;
             let attn = self.proj(&ctx, &layer.w[O], None, lo(O), fwd, captures, &real)?;
             x = (x + attn)?;
             let xn = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
@@ -616,7 +648,7 @@ impl Model {
             detach_lora: false,
         };
         let h = self.hidden(batch, fwd, &mut Vec::new())?;
-        Ok(linear(&h, &self.lm_head)?)
+        Ok(linear(&h, &self.lm_head, self.precision)?)
     }
 
     /// Per-token log-probabilities from final hidden states.
@@ -625,7 +657,7 @@ impl Model {
         if t == 1 {
             return Ok(Tensor::zeros((b, 1), self.dtype, &self.device)?);
         }
-        let logits = linear(&h.narrow(1, 0, t - 1)?, &self.lm_head)?; // [B, T-1, V]
+        let logits = linear(&h.narrow(1, 0, t - 1)?, &self.lm_head, self.precision)?; // [B, T-1, V]
         let targets = batch.input_ids.narrow(1, 1, t - 1)?;
         let lp = gather_log_softmax(&logits, &targets)?; // [B, T-1]
         let zero = Tensor::zeros((b, 1), self.dtype, &self.device)?;
@@ -633,6 +665,12 @@ impl Model {
         let scored = Tensor::from_vec(batch.scored_positions(), (b, t), &self.device)?
             .to_dtype(self.dtype)?;
         Ok((lp * scored)?)
+    }
+
+    /// [`Model::token_logprobs`] from given final hidden states `[B, T, H]`:
+    /// the LM head and the log-softmax alone (benchmarks, profiles).
+    pub fn token_logprobs_from_hidden(&self, batch: &Batch, hidden: &Tensor) -> Result<Tensor> {
+        self.logprobs_from_hidden(batch, hidden)
     }
 
     /// `[B, T]`: entry `t` is `log p(ids[t] | ids[<t])` for `1 ≤ t < len`;
@@ -658,7 +696,7 @@ impl Model {
             detach_lora: true,
         };
         let h = self.hidden(batch, fwd, &mut Vec::new())?;
-        Ok(linear(&h, &self.lm_head)?)
+        Ok(linear(&h, &self.lm_head, self.precision)?)
     }
 
     /// [`Model::token_logprobs`] in [`Mode::Eval`] without any autograd graph
@@ -770,10 +808,11 @@ impl Model {
         let mut parts = Vec::with_capacity(2 * caps.len());
         for (c, m) in caps.iter().zip(modules) {
             let bmat = m.b.as_detached_tensor(); // [d_out, r]
-            let dyt = c.dy.transpose(1, 2)?.contiguous()?; // [B, d_out, T]
-            let g_b = dyt.matmul(&c.h)?; // [B, d_out, r]
-            let dyb = c.dy.broadcast_matmul(&bmat)?; // [B, T, r]
-            let g_a = dyb.transpose(1, 2)?.contiguous()?.matmul(&c.x)?; // [B, r, d_in]
+            let p = self.precision;
+            // Transposed views go to the GEMM without copies.
+            let g_b = crate::ops::matmul(&c.dy.transpose(1, 2)?, &c.h, p)?; // [B, d_out, r]
+            let dyb = linear(&c.dy, &bmat.t()?, p)?; // [B, T, r]
+            let g_a = crate::ops::matmul(&dyb.transpose(1, 2)?, &c.x, p)?; // [B, r, d_in]
             parts.push(g_a.reshape((b, ()))?);
             parts.push(g_b.reshape((b, ()))?);
         }
@@ -806,7 +845,7 @@ impl Model {
             let batch = Batch::new(&[(&ids, &mask)], &self.device)?;
             let h = self.hidden(&batch, fwd, &mut Vec::new())?;
             let last = h.narrow(1, ids.len() - 1, 1)?;
-            let logits = linear(&last, &self.lm_head)?.flatten_all()?;
+            let logits = linear(&last, &self.lm_head, self.precision)?.flatten_all()?;
             let next = logits.argmax(D::Minus1)?.to_scalar::<u32>()?;
             ids.push(next);
             out.push(next);

@@ -7,49 +7,31 @@
 //! used: they silently cut gradients. Nothing here assumes a CPU device.
 
 use candle_core::{DType, Device, Result, Tensor, D};
+use dsel_kernels::Precision;
 
 /// The single entry point for every large matrix product of the model
-/// (q/k/v/o, gate/up/down, the LoRA A and B products and the LM head).
-///
-/// Computes `x · wᵀ` for `x` of shape `[.., in]` and `w` of shape
-/// `[out, in]` (PyTorch `nn.Linear` layout), returning `[.., out]`.
-///
-/// On CPU in f32/f64 this runs OpenBLAS GEMM (see [`crate::blas`]) with no
-/// copy of the transposed weight, and its backward skips the gradient of a
-/// weight that is not part of an autograd graph (the frozen base weights);
-/// elsewhere it is candle's matmul.
-pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let dims = x.dims();
-    let Some((&d_in, lead)) = dims.split_last() else {
-        candle_core::bail!("linear: input must have at least one dimension");
-    };
-    let (d_out, w_in) = w.dims2()?;
-    if w_in != d_in {
-        candle_core::bail!(
-            "linear: input feature size {d_in} does not match weight [{d_out}, {w_in}]"
-        );
-    }
-    let n: usize = lead.iter().product();
-    let y = crate::blas::matmul(&x.reshape((n, d_in))?, &w.t()?)?;
-    let mut out_dims = lead.to_vec();
-    out_dims.push(d_out);
-    y.reshape(out_dims)
+/// (q/k/v/o, gate/up/down, the LoRA A and B products and the LM head):
+/// `x · wᵀ` for `x [.., in]` and `w [out, in]` (PyTorch `nn.Linear`
+/// layout) at `precision`; see [`dsel_kernels::linear`]. A weight stored in
+/// bf16 (the frozen base weights at [`Precision::Bf16`]) gives an f32
+/// result; no gradient is computed for a weight outside the autograd graph.
+pub fn linear(x: &Tensor, w: &Tensor, precision: Precision) -> Result<Tensor> {
+    dsel_kernels::linear(x, w, precision)
 }
 
-/// `a · b` for `a [.., m, k]` and `b [.., k, n]` (same leading dimensions):
-/// the model's GEMM
-/// (OpenBLAS on CPU in f32/f64, see [`crate::blas::matmul`]; candle's matmul
-/// elsewhere). Differentiable; no gradient is computed for an operand that is
-/// not part of an autograd graph.
-pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    crate::blas::matmul(a, b)
+/// `a · b` for `a [.., m, k]` and `b [.., k, n]` (same leading dimensions)
+/// at `precision`: the model's GEMM (see [`dsel_kernels::matmul`]).
+/// Differentiable; no gradient is computed for an operand that is not part
+/// of an autograd graph.
+pub fn matmul(a: &Tensor, b: &Tensor, precision: Precision) -> Result<Tensor> {
+    dsel_kernels::matmul(a, b, precision)
 }
 
 /// RMSNorm as a differentiable composition: `x / sqrt(mean(x²) + eps) · w`
 /// over the last dimension. On CPU in f32/f64 a fused, parallel kernel with
 /// an exact backward (statistics accumulated in f64).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    if let Some(y) = crate::fused::rms_norm(x, w, eps)? {
+    if let Some(y) = dsel_kernels::fused::rms_norm(x, w, eps)? {
         return Ok(y);
     }
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -62,7 +44,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// whose row maximum is detached (softmax is shift invariant, so the
 /// gradient is exact and the backward avoids the max-selection mask).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    if let Some(y) = crate::fused::softmax_last(x)? {
+    if let Some(y) = dsel_kernels::fused::softmax_last(x)? {
         return Ok(y);
     }
     let m = x.max_keepdim(D::Minus1)?.detach();
@@ -76,7 +58,7 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 /// heads. The mask receives no gradient. On CPU in f32/f64 the add is fused
 /// into the softmax kernel.
 pub fn masked_softmax_last(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    if let Some(y) = crate::fused::masked_softmax(x, &mask.detach())? {
+    if let Some(y) = dsel_kernels::fused::masked_softmax(x, &mask.detach())? {
         return Ok(y);
     }
     softmax_last(&x.broadcast_add(&mask.detach())?)
@@ -103,7 +85,7 @@ pub fn gather_log_softmax(x: &Tensor, idx: &Tensor) -> Result<Tensor> {
             let n: usize = lead.iter().product();
             let x2 = x.reshape((n, v))?;
             let i1 = idx.reshape(n)?;
-            if let Some(lp) = crate::fused::gather_log_softmax(&x2, &i1)? {
+            if let Some(lp) = dsel_kernels::fused::gather_log_softmax(&x2, &i1)? {
                 return lp.reshape(lead);
             }
         }
@@ -149,7 +131,7 @@ pub fn rope_tables(
 /// On CPU in f32/f64 with frozen tables this is one fused parallel kernel
 /// with an exact backward.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if let Some(y) = crate::fused::rope(x, cos, sin)? {
+    if let Some(y) = dsel_kernels::fused::rope(x, cos, sin)? {
         return Ok(y);
     }
     let hd = x.dim(D::Minus1)?;

@@ -44,14 +44,14 @@ pub fn grad_norms(
     lora: &LoraConfig,
     cfg: &SweepConfig,
 ) -> Result<Vec<f64>> {
-    let fp = p.model()?.fingerprint.clone();
+    let fp = p.model_key()?;
     let spec = StageSpec::new(
         "gradnorm",
         BASELINES_VERSION,
         json!({"model": fp, "lora": lora, "batch": cfg}),
     )
     .input(pool.key().clone());
-    let mut model = Model::new(&p.model()?.raw)?;
+    let mut model = p.fresh_model()?;
     model.add_lora(lora)?;
     let set = TokenizedSet::open(pool.dir())?;
     let o = p.store.get_or_build(&spec, |b| {
@@ -84,14 +84,14 @@ pub fn embeddings(
     label: &str,
     cfg: &SweepConfig,
 ) -> Result<Tensor> {
-    let fp = p.model()?.fingerprint.clone();
+    let fp = p.model_key()?;
     let spec = StageSpec::new(
         "embed",
         BASELINES_VERSION,
         json!({"model": fp, "batch": cfg}),
     )
     .input(set_art.key().clone());
-    let model = Model::new(&p.model()?.raw)?;
+    let model = p.fresh_model()?;
     let set = TokenizedSet::open(set_art.dir())?;
     let h = model.config().hidden_size;
     let o = p.store.get_or_build(&spec, |b| {

@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use dsel_basetrain::FinetuneConfig;
 use dsel_eval::{BbhOptions, ItemResult, MmluOptions, PromptEncoder, TydiqaOptions};
 use dsel_ingest::{ReadOptions, TargetSpec, TargetSplit, TaskName};
-use dsel_model::{LoraConfig, Model};
+use dsel_model::LoraConfig;
 use dsel_store::{Artifact, StageSpec};
 use dsel_tokenize::TokenizedSet;
 use dsel_train::TrainConfig;
@@ -330,8 +330,8 @@ pub fn evaluate(
     // Every file the test set is read from (named tasks too: their data root's files).
     let task_fp = dsel_ingest::target_fingerprint(&spec_t, &p.data_root, TargetSplit::Test)?;
     let (format, bos_id) = p.chat_format()?;
+    let fp = p.model_key()?;
     let m = p.model()?;
-    let fp = m.fingerprint.clone();
     let tokenizer = m
         .raw
         .tokenizer
@@ -348,7 +348,7 @@ pub fn evaluate(
             stop_ids.push(id);
         }
     }
-    let mut model = Model::new(&m.raw)?;
+    let mut model = p.fresh_model()?;
     if let Some(a) = adapter {
         if let Some(l) = lora {
             model.add_lora(l)?;
@@ -513,7 +513,7 @@ mod tests {
     }
 
     /// Test loss by hand: tulu text, label = answer + "</s>\n", `example_losses`.
-    fn hand_loss(model: &Model, enc: &dyn Fn(&str) -> Vec<u32>, user: &str, answer: &str) -> f64 {
+    fn hand_loss(model: &dsel_model::Model, enc: &dyn Fn(&str) -> Vec<u32>, user: &str, answer: &str) -> f64 {
         let mut ids = vec![1u32];
         ids.extend(enc(&format!("<|user|>\n{user}\n<|assistant|>\n")));
         let n = ids.len();
@@ -573,7 +573,7 @@ mod tests {
         // Independent base-model loss: mean of the two hand-computed losses.
         let raw = &p.model().unwrap().raw;
         let tok = raw.tokenizer.clone().unwrap();
-        let m = Model::new(raw).unwrap();
+        let m = dsel_model::Model::new(raw).unwrap();
         let enc = |s: &str| tok.encode_fast(s, false).unwrap().get_ids().to_vec();
         let want = pairs[..2]
             .iter()

@@ -18,7 +18,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use dsel_basetrain::{FinetuneConfig, FinetuneReport};
 use dsel_less::{BuildOptions, BuildReport, Checkpoint, DatastoreConfig, GradientKind};
-use dsel_model::{LoraConfig, Model};
+use dsel_model::LoraConfig;
 use dsel_store::{Artifact, StageSpec};
 use dsel_tokenize::TokenizedSet;
 use dsel_train::{AdamWConfig, TrainConfig};
@@ -183,7 +183,7 @@ fn feature_spec(
     kind: GradientKind,
     cfg: &DatastoreConfig,
 ) -> Result<StageSpec> {
-    let fp = p.model()?.fingerprint.clone();
+    let fp = p.model_key()?;
     let epochs: Vec<usize> = ckpts.iter().map(|c| c.epoch).collect();
     Ok(StageSpec::new(
         stage,
@@ -209,7 +209,7 @@ fn feature_stage(
 ) -> Result<(Artifact, bool, f64, Option<BuildReport>)> {
     let spec = feature_spec(p, stage, set_art, warm, ckpts, kind, cfg)?;
     let set = TokenizedSet::open(set_art.dir())?;
-    let mut model = Model::new(&p.model()?.raw)?;
+    let mut model = p.fresh_model()?;
     let mut built: Option<BuildReport> = None;
     let o = p.store.get_or_build(&spec, |b| {
         let opts = BuildOptions {
@@ -312,7 +312,7 @@ pub fn datastore_shard(
             report: None,
         });
     }
-    let mut model = Model::new(&p.model()?.raw)?;
+    let mut model = p.fresh_model()?;
     let opts = BuildOptions {
         shard,
         label: format!("pool datastore shard {}/{}", shard.index, shard.count),

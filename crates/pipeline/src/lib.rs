@@ -23,7 +23,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use dsel_basetrain::FinetuneConfig;
 use dsel_ingest::{Example, SubsetOptions, TargetSpec};
-use dsel_model::{LoraConfig, Model, RawModel};
+use dsel_model::{LoraConfig, Model, Precision, RawModel};
 use dsel_select::StageRecord;
 use dsel_store::{Artifact, Outcome, StageSpec, Store};
 use dsel_sweep::SweepConfig;
@@ -58,6 +58,8 @@ pub struct Pipeline {
     pub records: Vec<StageRecord>,
     /// How [`Pipeline::tokenize`] cuts sequences longer than its `max_len`.
     pub truncation: dsel_tokenize::Truncation,
+    /// Precision of every model's matrix products (see [`Pipeline::set_precision`]).
+    precision: Precision,
     model: Option<LoadedModel>,
 }
 
@@ -102,14 +104,49 @@ pub fn indices_hash(indices: &[usize]) -> String {
 
 impl Pipeline {
     /// A pipeline over the store at `cache_root` reading data from `data_root`.
+    /// Models run at [`Precision::fastest`] until [`Pipeline::set_precision`].
     pub fn new(cache_root: &Path, data_root: &Path) -> Result<Self> {
-        Ok(Self {
+        let mut p = Self {
             store: Store::open(cache_root)?,
             data_root: data_root.to_path_buf(),
             device: Device::Cpu,
             records: Vec::new(),
             truncation: dsel_tokenize::Truncation::default(),
+            precision: Precision::fastest(),
             model: None,
+        };
+        p.set_precision(p.precision);
+        Ok(p)
+    }
+
+    /// The precision every model of this pipeline computes in.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Sets the precision of every model built from now on. It is part of
+    /// the key of every stage that runs the model (a bf16 artifact is never
+    /// taken for an f32 one); the GEMM backend is recorded in each manifest
+    /// but not keyed, so machines with different libraries share artifacts.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+        let b = dsel_kernels::backend();
+        self.store.set_environment(json!({
+            "precision": precision,
+            "gemm": b.description,
+            "bf16_native": b.bf16_native,
+            "device": format!("{:?}", self.device),
+        }));
+    }
+
+    /// The model's identity in the keys of stages that run it: the weights'
+    /// fingerprint, plus the precision when it is not f32 (so f32 keys are
+    /// those of artifacts built before precisions existed).
+    pub fn model_key(&self) -> Result<String> {
+        let fp = &self.model()?.fingerprint;
+        Ok(match self.precision {
+            Precision::F32 => fp.clone(),
+            p => format!("{fp}+{p}"),
         })
     }
 
@@ -282,8 +319,11 @@ impl Pipeline {
         Ok(o.artifact)
     }
 
-    fn fresh_model(&self) -> Result<Model> {
-        Model::new(&self.model()?.raw)
+    /// A fresh model from the loaded weights, at this pipeline's precision.
+    pub fn fresh_model(&self) -> Result<Model> {
+        let mut m = Model::new(&self.model()?.raw)?;
+        m.set_precision(self.precision)?;
+        Ok(m)
     }
 
     /// Fine-tune LoRA on `set[indices]` from `start` (stage `base-train` or `warmup`).
@@ -296,7 +336,7 @@ impl Pipeline {
         start: Option<&Artifact>,
         cfg: &FinetuneConfig,
     ) -> Result<Artifact> {
-        let fp = self.model()?.fingerprint.clone();
+        let fp = self.model_key()?;
         let mut spec = StageSpec::new(
             stage,
             dsel_basetrain::STAGE_VERSION,
@@ -336,7 +376,7 @@ impl Pipeline {
         base_cfg: &FinetuneConfig,
         v: &ValtuneConfig,
     ) -> Result<Artifact> {
-        let fp = self.model()?.fingerprint.clone();
+        let fp = self.model_key()?;
         let spec = StageSpec::new(
             "valtune",
             dsel_valtune::STAGE_VERSION,
@@ -373,7 +413,7 @@ impl Pipeline {
         adapter: Option<(&Artifact, &LoraConfig)>,
         cfg: &SweepConfig,
     ) -> Result<Artifact> {
-        let fp = self.model()?.fingerprint.clone();
+        let fp = self.model_key()?;
         let mut spec = StageSpec::new(
             "sweep",
             dsel_sweep::STAGE_VERSION,

@@ -27,7 +27,7 @@ pub fn train_online(
     cfg: &OnlineTrainConfig,
 ) -> Result<(Artifact, OnlineReport)> {
     cfg.validate()?;
-    let fp = p.model()?.fingerprint.clone();
+    let fp = p.model_key()?;
     let spec = StageSpec::new(
         "train-online",
         dsel_online::STAGE_VERSION,
@@ -36,7 +36,7 @@ pub fn train_online(
     .input(pool_tok.key().clone())
     .input(target_tok.key().clone())
     .with_seed(cfg.seed);
-    let mut model = dsel_model::Model::new(&p.model()?.raw)?;
+    let mut model = p.fresh_model()?;
     let pool = TokenizedSet::open(pool_tok.dir())?;
     let target = TokenizedSet::open(target_tok.dir())?;
     let o = p.store.get_or_build(&spec, |b| {

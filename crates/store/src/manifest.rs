@@ -60,6 +60,10 @@ pub struct Manifest {
     /// Free-form information the stage recorded (counts, skipped examples…).
     #[serde(default)]
     pub info: Value,
+    /// How the artifact was computed (GEMM backend, precision, device), as
+    /// set by [`crate::Store::set_environment`]; not part of the key.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub environment: Value,
 }
 
 impl Manifest {

@@ -409,6 +409,8 @@ const LEASE_NEW_SUFFIX: &str = ".lease-new";
 /// A content-addressed artifact store rooted at a folder.
 pub struct Store {
     root: PathBuf,
+    /// Recorded in every manifest this store writes; never in keys.
+    environment: Value,
     verified: Mutex<HashMap<PathBuf, Fingerprint>>,
     leases: Mutex<Option<Leases>>,
 }
@@ -458,9 +460,18 @@ impl Store {
         }
         Ok(Self {
             root,
+            environment: Value::Null,
             verified: Mutex::new(HashMap::new()),
             leases: Mutex::new(None),
         })
+    }
+
+    /// Sets what every manifest written from now on records about the
+    /// environment that built it (the compute backend, the precision, the
+    /// device): provenance, never part of a key, so artifacts stay shared
+    /// between machines that compute the same thing differently.
+    pub fn set_environment(&mut self, environment: Value) {
+        self.environment = environment;
     }
 
     /// The cache root (absolute).
@@ -738,6 +749,7 @@ impl Store {
             build_seconds: build_start.elapsed().as_secs_f64(),
             build_cpu_seconds: crate::fsutil::process_cpu_seconds() - cpu_start,
             info: std::mem::take(&mut builder.info),
+            environment: self.environment.clone(),
         };
         let manifest_json =
             serde_json::to_vec_pretty(&manifest).context("serialising manifest.json")?;

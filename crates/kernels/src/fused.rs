@@ -14,7 +14,7 @@
 //! exponential (AVX-512 or AVX2 chosen at run time, ~1e-7 relative error).
 //! f64 uses the standard library's `exp` (the finite-difference tests run in
 //! f64). Other dtypes and non-CPU devices are not handled here: the callers
-//! in [`crate::ops`] fall back to differentiable candle compositions (as they
+//! in `dsel_model::ops` fall back to differentiable candle compositions (as they
 //! do with the environment variable `DSEL_FUSED=off`).
 
 use candle_core::{
@@ -1016,6 +1016,38 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
 
+    /// Rotary tables `[t, hd]` in the rotate-half layout.
+    fn rope_tables(t: usize, hd: usize, dtype: DType, dev: &Device) -> (Tensor, Tensor) {
+        let angle = |pos: usize, j: usize| pos as f64 * 0.3 / (1 + j % (hd / 2)) as f64;
+        let cos: Vec<f64> = (0..t * hd).map(|i| angle(i / hd, i % hd).cos()).collect();
+        let sin: Vec<f64> = (0..t * hd).map(|i| angle(i / hd, i % hd).sin()).collect();
+        let mk = |v: Vec<f64>| {
+            Tensor::from_vec(v, (t, hd), dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        (mk(cos), mk(sin))
+    }
+
+    /// Additive causal + key-padding mask `[B, 1, T, T]`.
+    fn causal_mask(lengths: &[usize], t: usize, dtype: DType, dev: &Device) -> Tensor {
+        let mut m = vec![0f32; lengths.len() * t * t];
+        for (b, &len) in lengths.iter().enumerate() {
+            for q in 0..t {
+                for k in 0..t {
+                    if k > q || k >= len {
+                        m[(b * t + q) * t + k] = -1e9;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(m, (lengths.len(), 1, t, t), dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b)
             .unwrap()
@@ -1154,7 +1186,7 @@ mod tests {
                     .unwrap(),
             )
             .unwrap();
-            let (cos, sin) = crate::ops::rope_tables(7, 8, 10000.0, dtype, &dev).unwrap();
+            let (cos, sin) = rope_tables(7, 8, dtype, &dev);
             let r = Tensor::randn(0f32, 1.0, (2, 3, 7, 8), &dev)
                 .unwrap()
                 .to_dtype(dtype)
@@ -1187,7 +1219,7 @@ mod tests {
                     .unwrap(),
             )
             .unwrap();
-            let mask = crate::ops::attention_mask(&[19, 11], t, dtype, &dev).unwrap();
+            let mask = causal_mask(&[19, 11], t, dtype, &dev);
             let r = Tensor::randn(0f32, 1.0, (b, h, t, t), &dev)
                 .unwrap()
                 .to_dtype(dtype)
