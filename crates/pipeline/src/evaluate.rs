@@ -513,7 +513,12 @@ mod tests {
     }
 
     /// Test loss by hand: tulu text, label = answer + "</s>\n", `example_losses`.
-    fn hand_loss(model: &dsel_model::Model, enc: &dyn Fn(&str) -> Vec<u32>, user: &str, answer: &str) -> f64 {
+    fn hand_loss(
+        model: &dsel_model::Model,
+        enc: &dyn Fn(&str) -> Vec<u32>,
+        user: &str,
+        answer: &str,
+    ) -> f64 {
         let mut ids = vec![1u32];
         ids.extend(enc(&format!("<|user|>\n{user}\n<|assistant|>\n")));
         let n = ids.len();
