@@ -100,8 +100,9 @@ fn time<F: FnMut() -> Result<()>>(reps: usize, mut f: F) -> Result<f64> {
     Ok(median(t))
 }
 
-/// `(name, rows m, inner k, cols n)` of every GEMM the forward pass runs
-/// per layer and once at the end, for `m = batch·seq` tokens.
+/// `(name, rows m, inner k, cols n, count)` of the GEMMs the forward pass
+/// runs (`count` times each: per layer, or once for the LM head), for
+/// `m = batch·seq` tokens.
 fn model_gemm_shapes(m: &Model, tokens: usize) -> Vec<(String, usize, usize, usize, usize)> {
     let c = m.config();
     let q = c.num_attention_heads * c.head_dim;
@@ -148,7 +149,7 @@ fn bench_batch(model: &Model, batch: usize, seq: usize, dev: &Device) -> Result<
         .iter()
         .map(|(i, m)| (i.as_slice(), m.as_slice()))
         .collect();
-    Ok(Batch::new(&refs, dev)?)
+    Batch::new(&refs, dev)
 }
 
 /// Run the benchmark and print the figures.
@@ -357,7 +358,7 @@ fn bench_less(model: &Model, batch: &Batch, a: &BenchArgs, p: Precision) -> Resu
     let mut sketch = vec![0f32; rows * a.less_dim];
     let proj_s = time(1, || {
         sketch.iter_mut().for_each(|v| *v = 0.0);
-        proj.project_accumulate_at(&g, rows, params, params, 0, &mut sketch, p)?;
+        proj.project_accumulate(&g, rows, params, params, 0, &mut sketch, p)?;
         Ok(())
     })?;
     let mem = peak_rss_mib();

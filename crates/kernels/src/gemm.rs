@@ -24,7 +24,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::library::{loaded, Loaded};
+use crate::library::{loaded, GemmFn, Loaded};
 use crate::Precision;
 
 /// Row-major, transposition codes of the CBLAS interface.
@@ -108,10 +108,27 @@ fn usable_layout(t: &Tensor) -> bool {
     Batched::of(t.dims(), t.stride(), 0).is_some()
 }
 
-/// One CBLAS-style GEMM entry point: `C[m×n] = A[m×k]·B[k×n]` (beta 0).
-trait Kernel: Sync {
-    type In: Copy + Send + Sync;
-    type Out: Copy + Send + Sync + Default;
+/// Output element types of the CBLAS entry points (alpha/beta are theirs).
+trait Scalar: Copy + Send + Sync + Default {
+    const ZERO: Self;
+    const ONE: Self;
+}
+
+impl Scalar for f32 {
+    const ZERO: f32 = 0.0;
+    const ONE: f32 = 1.0;
+}
+
+impl Scalar for f64 {
+    const ZERO: f64 = 0.0;
+    const ONE: f64 = 1.0;
+}
+
+/// One CBLAS-style GEMM entry point (`cblas_sgemm`, `cblas_dgemm`,
+/// `cblas_gemm_bf16bf16f32`): `C[m×n] (+)= A[m×k]·B[k×n]`, row-major.
+struct Cblas<I, O>(GemmFn<I, O>);
+
+impl<I, O: Scalar> Cblas<I, O> {
     /// # Safety
     /// Pointers valid for the extents the CBLAS conventions give.
     #[allow(clippy::too_many_arguments)]
@@ -122,107 +139,35 @@ trait Kernel: Sync {
         m: usize,
         n: usize,
         k: usize,
-        a: *const Self::In,
+        a: *const I,
         lda: usize,
-        b: *const Self::In,
+        b: *const I,
         ldb: usize,
-        c: *mut Self::Out,
-        ldc: usize,
-        accumulate: bool,
-    );
-}
-
-macro_rules! kernel {
-    ($name:ident, $in:ty, $out:ty, $field:ident) => {
-        struct $name(&'static Loaded);
-        impl Kernel for $name {
-            type In = $in;
-            type Out = $out;
-            unsafe fn call(
-                &self,
-                ta: c_int,
-                tb: c_int,
-                m: usize,
-                n: usize,
-                k: usize,
-                a: *const $in,
-                lda: usize,
-                b: *const $in,
-                ldb: usize,
-                c: *mut $out,
-                ldc: usize,
-                accumulate: bool,
-            ) {
-                let f = self
-                    .0
-                    .$field
-                    .expect("kernel entry point checked by the caller");
-                // SAFETY: forwarded from the caller.
-                unsafe {
-                    f(
-                        CBLAS_ROW_MAJOR,
-                        ta,
-                        tb,
-                        m as c_int,
-                        n as c_int,
-                        k as c_int,
-                        1.0,
-                        a,
-                        lda as c_int,
-                        b,
-                        ldb as c_int,
-                        if accumulate { 1.0 } else { 0.0 },
-                        c,
-                        ldc as c_int,
-                    )
-                }
-            }
-        }
-    };
-}
-
-struct Sgemm(&'static Loaded);
-impl Kernel for Sgemm {
-    type In = f32;
-    type Out = f32;
-    unsafe fn call(
-        &self,
-        ta: c_int,
-        tb: c_int,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        ldb: usize,
-        c: *mut f32,
+        c: *mut O,
         ldc: usize,
         accumulate: bool,
     ) {
         // SAFETY: forwarded from the caller.
         unsafe {
-            (self.0.sgemm)(
+            (self.0)(
                 CBLAS_ROW_MAJOR,
                 ta,
                 tb,
                 m as c_int,
                 n as c_int,
                 k as c_int,
-                1.0,
+                O::ONE,
                 a,
                 lda as c_int,
                 b,
                 ldb as c_int,
-                if accumulate { 1.0 } else { 0.0 },
+                if accumulate { O::ONE } else { O::ZERO },
                 c,
                 ldc as c_int,
             )
         }
     }
 }
-kernel!(Dgemm, f64, f64, dgemm);
-kernel!(Bf16Gemm, u16, f32, bf16);
 
 /// Minimum work (m·n·k) per rayon task.
 const MIN_TASK_FLOPS: usize = 1 << 21;
@@ -300,13 +245,14 @@ impl Batched {
 /// # Safety
 /// `a`/`b` must be valid for the extents of `la`/`lb` and `c` for `m·n`
 /// writes; the extents were checked by the caller.
-unsafe fn gemm_one<K: Kernel>(
-    kern: &K,
-    a: SendPtr<K::In>,
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_one<I: Copy, O: Scalar>(
+    kern: &Cblas<I, O>,
+    a: SendPtr<I>,
     la: Operand,
-    b: SendPtr<K::In>,
+    b: SendPtr<I>,
     lb: Operand,
-    c: SendPtr<K::Out>,
+    c: SendPtr<O>,
     split: bool,
     accumulate: bool,
 ) {
@@ -318,7 +264,7 @@ unsafe fn gemm_one<K: Kernel>(
     } else {
         1
     };
-    let out = c.get() as *mut K::Out;
+    let out = c.get() as *mut O;
     // SAFETY (all calls below): forwarded from the caller; row and column
     // blocks of C are disjoint.
     if tasks <= 1 {
@@ -357,7 +303,7 @@ unsafe fn gemm_one<K: Kernel>(
                     la.ld,
                     b.get().add(lb.offset),
                     lb.ld,
-                    (c.get() as *mut K::Out).add(r0 * n),
+                    (c.get() as *mut O).add(r0 * n),
                     n,
                     accumulate,
                 );
@@ -382,7 +328,7 @@ unsafe fn gemm_one<K: Kernel>(
                     la.ld,
                     b.get().add(lb.col_offset(c0)),
                     lb.ld,
-                    (c.get() as *mut K::Out).add(c0),
+                    (c.get() as *mut O).add(c0),
                     n,
                     accumulate,
                 );
@@ -391,32 +337,32 @@ unsafe fn gemm_one<K: Kernel>(
     }
 }
 
-fn gemm_cpu<K: Kernel>(
-    kern: &K,
-    a: &[K::In],
+fn gemm_cpu<I: Copy, O: Scalar>(
+    kern: &Cblas<I, O>,
+    a: &[I],
     la: Batched,
-    b: &[K::In],
+    b: &[I],
     lb: Batched,
-) -> Result<Vec<K::Out>> {
+) -> Result<Vec<O>> {
     let (m, k, n) = (la.op.rows, la.op.cols, lb.op.cols);
     let batch = la.batch;
     if la.extent() > a.len() || lb.extent() > b.len() {
         candle_core::bail!("gemm: operand layout exceeds its storage");
     }
     let len = batch * m * n;
-    let mut c: Vec<K::Out> = Vec::with_capacity(len);
+    let mut c: Vec<O> = Vec::with_capacity(len);
     if len == 0 {
         return Ok(c);
     }
     if k == 0 {
-        c.resize(len, K::Out::default());
+        c.resize(len, O::ZERO);
         return Ok(c);
     }
     if m.max(n).max(k) > i32::MAX as usize / 2 {
         candle_core::bail!("gemm: dimensions {m}×{k}×{n} exceed the 32-bit BLAS interface");
     }
     let (pa, pb) = (SendPtr(a.as_ptr()), SendPtr(b.as_ptr()));
-    let pc = SendPtr(c.spare_capacity_mut().as_mut_ptr() as *const K::Out);
+    let pc = SendPtr(c.spare_capacity_mut().as_mut_ptr() as *const O);
     let threads = rayon::current_num_threads().max(1);
     let one = |i: usize, split: bool| {
         let mut oa = la.op;
@@ -431,7 +377,7 @@ fn gemm_cpu<K: Kernel>(
                 oa,
                 pb,
                 ob,
-                SendPtr((pc.get() as *mut K::Out).add(i * m * n) as *const K::Out),
+                SendPtr((pc.get() as *mut O).add(i * m * n) as *const O),
                 split,
                 false,
             )
@@ -520,15 +466,17 @@ impl CustomOp2 for Gemm {
         let shape = Shape::from(out_dims);
         let storage = match (self.precision, s1, s2) {
             (_, CpuStorage::F64(a), CpuStorage::F64(b)) if lib.dgemm.is_some() => {
-                CpuStorage::F64(gemm_cpu(&Dgemm(lib), a, la, b, lb)?)
+                let dgemm = Cblas(lib.dgemm.expect("checked by the guard"));
+                CpuStorage::F64(gemm_cpu(&dgemm, a, la, b, lb)?)
             }
             (Precision::F32, CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                CpuStorage::F32(gemm_cpu(&Sgemm(lib), a, la, b, lb)?)
+                CpuStorage::F32(gemm_cpu(&Cblas(lib.sgemm), a, la, b, lb)?)
             }
             (Precision::Bf16, _, _) if lib.bf16.is_some() => {
                 let (a, la) = bf16_operand(s1, la)?;
                 let (b, lb) = bf16_operand(s2, lb)?;
-                CpuStorage::F32(gemm_cpu(&Bf16Gemm(lib), &a, la, &b, lb)?)
+                let bf16 = Cblas(lib.bf16.expect("checked by the guard"));
+                CpuStorage::F32(gemm_cpu(&bf16, &a, la, &b, lb)?)
             }
             _ => candle_core::bail!(
                 "gemm: no {} kernel for {:?} · {:?}",
@@ -751,13 +699,18 @@ pub fn gemm_accumulate(
     let (la, lb) = (op(m, k, lda), op(k, n, ldb));
     let pc = SendPtr(c.as_mut_ptr() as *const f32);
     match (loaded(), precision) {
-        (Some(lib), Precision::Bf16) if lib.bf16.is_some() => {
+        (
+            Some(Loaded {
+                bf16: Some(bf16), ..
+            }),
+            Precision::Bf16,
+        ) => {
             let a16 = crate::bf16::from_f32_slice(&a[..(m - 1) * lda + k]);
             let b16 = crate::bf16::from_f32_slice(&b[..(k - 1) * ldb + n]);
             // SAFETY: extents checked above; c is m × n.
             unsafe {
                 gemm_one(
-                    &Bf16Gemm(lib),
+                    &Cblas(*bf16),
                     SendPtr(a16.as_ptr()),
                     la,
                     SendPtr(b16.as_ptr()),
@@ -780,7 +733,7 @@ pub fn gemm_accumulate(
             // SAFETY: extents checked above; c is m × n.
             unsafe {
                 gemm_one(
-                    &Sgemm(lib),
+                    &Cblas(lib.sgemm),
                     SendPtr(pa),
                     la,
                     SendPtr(pb),
@@ -820,18 +773,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn close(a: &Tensor, b: &Tensor, tol: f64) {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let d = crate::fused::tests::max_diff(a, b);
         assert!(d <= tol, "max abs diff {d} > {tol}");
     }
 

@@ -49,24 +49,7 @@ pub(crate) struct Loaded {
     pub sgemm: GemmFn<f32, f32>,
     pub dgemm: Option<GemmFn<f64, f64>>,
     /// `cblas_gemm_bf16bf16f32` (bf16 given as raw `u16` bits).
-    pub bf16: Option<
-        unsafe extern "C" fn(
-            c_int,
-            c_int,
-            c_int,
-            c_int,
-            c_int,
-            c_int,
-            f32,
-            *const u16,
-            c_int,
-            *const u16,
-            c_int,
-            f32,
-            *mut f32,
-            c_int,
-        ),
-    >,
+    pub bf16: Option<GemmFn<u16, f32>>,
     /// Keeps the library mapped for the life of the process.
     _lib: libloading::Library,
 }
@@ -322,17 +305,6 @@ fn load_mkl() -> Result<(Loaded, String), String> {
         {
             set_layer(1);
         }
-        let sgemm = *lib
-            .get::<GemmFn<f32, f32>>(b"cblas_sgemm\0")
-            .map_err(|e| format!("{}: no cblas_sgemm ({e})", path.display()))?;
-        let dgemm = lib
-            .get::<GemmFn<f64, f64>>(b"cblas_dgemm\0")
-            .ok()
-            .map(|s| *s);
-        let bf16 = lib
-            .get(b"cblas_gemm_bf16bf16f32\0")
-            .ok()
-            .map(|s: libloading::Symbol<_>| *s);
         let mut version = String::from("Intel MKL");
         if let Ok(get) =
             lib.get::<unsafe extern "C" fn(*mut c_char, c_int)>(b"MKL_Get_Version_String\0")
@@ -347,13 +319,7 @@ fn load_mkl() -> Result<(Loaded, String), String> {
                 version = format!("Intel MKL {v}");
             }
         }
-        let loaded = Loaded {
-            sgemm,
-            dgemm,
-            bf16,
-            _lib: lib,
-        };
-        check(&loaded, &path)?;
+        let loaded = entry_points(lib, &path, "")?;
         Ok((loaded, format!("{version} ({})", path.display())))
     }
 }
@@ -383,13 +349,6 @@ fn load_openblas() -> Result<(Loaded, String), String> {
     let name = |s: &str| format!("{prefix}{s}\0").into_bytes();
     // SAFETY: as in `load_mkl`, with OpenBLAS's documented C prototypes.
     unsafe {
-        let sgemm = *lib
-            .get::<GemmFn<f32, f32>>(&name("cblas_sgemm"))
-            .map_err(|e| format!("{}: no cblas_sgemm ({e})", path.display()))?;
-        let dgemm = lib
-            .get::<GemmFn<f64, f64>>(&name("cblas_dgemm"))
-            .ok()
-            .map(|s| *s);
         if let Ok(set) = lib.get::<unsafe extern "C" fn(c_int)>(&name("openblas_set_num_threads")) {
             set(1);
         }
@@ -407,13 +366,7 @@ fn load_openblas() -> Result<(Loaded, String), String> {
             .take(2)
             .collect::<Vec<_>>()
             .join(" ");
-        let loaded = Loaded {
-            sgemm,
-            dgemm,
-            bf16: None,
-            _lib: lib,
-        };
-        check(&loaded, &path)?;
+        let loaded = entry_points(lib, &path, prefix)?;
         Ok((
             loaded,
             format!("{version} (core {core}; {})", path.display()),
@@ -421,16 +374,70 @@ fn load_openblas() -> Result<(Loaded, String), String> {
     }
 }
 
+/// The GEMM entry points of an opened library (symbol names with
+/// `prefix`), checked by [`check`]; `cblas_sgemm` is required, the others
+/// are used when present.
+///
+/// # Safety
+/// The symbols, when present, must have the CBLAS prototypes (MKL's and
+/// OpenBLAS's C interfaces).
+unsafe fn entry_points(
+    lib: libloading::Library,
+    path: &Path,
+    prefix: &str,
+) -> Result<Loaded, String> {
+    let name = |s: &str| format!("{prefix}{s}\0").into_bytes();
+    // SAFETY: forwarded from the caller.
+    let loaded = unsafe {
+        let sgemm = *lib
+            .get::<GemmFn<f32, f32>>(&name("cblas_sgemm"))
+            .map_err(|e| format!("{}: no cblas_sgemm ({e})", path.display()))?;
+        let dgemm = lib
+            .get::<GemmFn<f64, f64>>(&name("cblas_dgemm"))
+            .ok()
+            .map(|s| *s);
+        let bf16 = lib
+            .get::<GemmFn<u16, f32>>(&name("cblas_gemm_bf16bf16f32"))
+            .ok()
+            .map(|s| *s);
+        Loaded {
+            sgemm,
+            dgemm,
+            bf16,
+            _lib: lib,
+        }
+    };
+    check(&loaded, path)?;
+    Ok(loaded)
+}
+
 /// A 2×2 product through every entry point: a library that loads but
 /// computes garbage (a wrong ABI, a broken wheel) is rejected here.
 fn check(l: &Loaded, path: &Path) -> Result<(), String> {
     let a = [1.0f32, 2.0, 3.0, 4.0];
     let b = [5.0f32, 6.0, 7.0, 8.0];
+    check_one(l.sgemm, a, b, "cblas_sgemm", path)?;
+    if let Some(bf16) = l.bf16 {
+        let bits = |v: [f32; 4]| v.map(crate::bf16::from_f32);
+        check_one(bf16, bits(a), bits(b), "cblas_gemm_bf16bf16f32", path)?;
+    }
+    Ok(())
+}
+
+/// `[[1,2],[3,4]]·[[5,6],[7,8]]` through one entry point (every value is
+/// exact in bf16 and f32).
+fn check_one<I>(
+    f: GemmFn<I, f32>,
+    a: [I; 4],
+    b: [I; 4],
+    name: &str,
+    path: &Path,
+) -> Result<(), String> {
     let want = [19.0f32, 22.0, 43.0, 50.0];
     let mut c = [0f32; 4];
     // SAFETY: 2×2 row-major operands with leading dimension 2.
     unsafe {
-        (l.sgemm)(
+        f(
             101,
             111,
             111,
@@ -449,39 +456,9 @@ fn check(l: &Loaded, path: &Path) -> Result<(), String> {
     };
     if c != want {
         return Err(format!(
-            "{}: cblas_sgemm gave {c:?}, expected {want:?}",
+            "{}: {name} gave {c:?}, expected {want:?}",
             path.display()
         ));
-    }
-    if let Some(bf16) = l.bf16 {
-        let a16 = a.map(crate::bf16::from_f32);
-        let b16 = b.map(crate::bf16::from_f32);
-        let mut c = [0f32; 4];
-        // SAFETY: as above, bf16 operands as raw bits.
-        unsafe {
-            bf16(
-                101,
-                111,
-                111,
-                2,
-                2,
-                2,
-                1.0,
-                a16.as_ptr(),
-                2,
-                b16.as_ptr(),
-                2,
-                0.0,
-                c.as_mut_ptr(),
-                2,
-            )
-        };
-        if c != want {
-            return Err(format!(
-                "{}: cblas_gemm_bf16bf16f32 gave {c:?}, expected {want:?}",
-                path.display()
-            ));
-        }
     }
     Ok(())
 }

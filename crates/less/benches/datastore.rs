@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 use dsel_less::{matching, precondition, Moments, Projector};
+use dsel_model::Precision::F32;
 use dsel_model::{Batch, LoraConfig, Model};
 use half::f16;
 
@@ -111,9 +112,9 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let proj = Projector::new(0, d)?;
     let mut out = vec![0f32; rows * d];
-    proj.project_accumulate(&gr[..rows * 1024], rows, 1024, 1024, 0, &mut out)?; // warm-up
+    proj.project_accumulate(&gr[..rows * 1024], rows, 1024, 1024, 0, &mut out, F32)?; // warm-up
     let t0 = Instant::now();
-    proj.project_accumulate(&gr, rows, k, k, 0, &mut out)?;
+    proj.project_accumulate(&gr, rows, k, k, 0, &mut out, F32)?;
     let proj_slice_s = t0.elapsed().as_secs_f64();
     let proj_s = proj_slice_s * (p as f64 / k as f64) / rows as f64;
     let flops_slice = 2.0 * rows as f64 * k as f64 * d as f64;

@@ -274,7 +274,7 @@ impl Projecting<'_> {
         let d = self.proj.dim();
         let n = self.rows.len();
         let mut feats = vec![0f32; n * d];
-        self.proj.project_accumulate_at(
+        self.proj.project_accumulate(
             &self.buf,
             n,
             self.p,

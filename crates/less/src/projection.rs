@@ -123,24 +123,12 @@ impl Projector {
     /// `out[b, :] += Σ_{c<k} g[b·stride + c] · Π[p0 + c, :]` for `b < rows`:
     /// the projection of columns `p0 .. p0+k` of a batch of gradient rows
     /// (`g` row-major with row stride `stride ≥ k`), accumulated into `out`
-    /// (`rows × d`), in f32. Π is generated `block_rows` rows at a time.
-    pub fn project_accumulate(
-        &self,
-        g: &[f32],
-        rows: usize,
-        stride: usize,
-        k: usize,
-        p0: u64,
-        out: &mut [f32],
-    ) -> Result<()> {
-        self.project_accumulate_at(g, rows, stride, k, p0, out, Precision::F32)
-    }
-
-    /// [`Projector::project_accumulate`] at `precision`: each block of Π
-    /// (±1, exact in bf16) meets the whole batch of rows in one product on
-    /// the compute core's GEMM ([`dsel_kernels::gemm_accumulate`]).
+    /// (`rows × d`), at `precision`. Π is generated `block_rows` rows at a
+    /// time; each block (±1, exact in bf16) meets the whole batch of rows in
+    /// one product on the compute core's GEMM
+    /// ([`dsel_kernels::gemm_accumulate`]).
     #[allow(clippy::too_many_arguments)]
-    pub fn project_accumulate_at(
+    pub fn project_accumulate(
         &self,
         g: &[f32],
         rows: usize,
@@ -235,7 +223,7 @@ mod tests {
         for block in [1, 64, 77, 512] {
             let p = Projector::new(9, d).unwrap().with_block_rows(block);
             let mut out = vec![0f32; rows * d];
-            p.project_accumulate(&g, rows, k + 7, k, 20, &mut out)
+            p.project_accumulate(&g, rows, k + 7, k, 20, &mut out, Precision::F32)
                 .unwrap();
             for (a, b) in out.iter().zip(&naive) {
                 assert!((*a as f64 - b).abs() < 1e-3, "block {block}: {a} vs {b}");
@@ -267,7 +255,8 @@ mod jl_tests {
         g.extend_from_slice(&y);
         let p = Projector::new(5, d).unwrap();
         let mut out = vec![0f32; 2 * d];
-        p.project_accumulate(&g, 2, k, k, 0, &mut out).unwrap();
+        p.project_accumulate(&g, 2, k, k, 0, &mut out, Precision::F32)
+            .unwrap();
         let dot = |a: &[f32], b: &[f32]| {
             a.iter()
                 .zip(b)
