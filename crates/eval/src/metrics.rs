@@ -1,6 +1,9 @@
 //! Answer extraction and string metrics (BBH exact match, SQuAD F1 / EM).
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use regex::Regex;
 
 /// Python's `string.punctuation` (ASCII only), which both HF `exact_match`
 /// (`ignore_punctuation=True`) and the SQuAD v1.1 script remove.
@@ -11,22 +14,16 @@ fn is_ascii_punct(c: char) -> bool {
 }
 
 /// The first answer after `"So the answer is "`, as LESS's BBH evaluation
-/// finds it with the regex `So the answer is (.*?)\.`: the shortest run of
-/// non-newline characters followed by a period, from the first occurrence
-/// where such a run exists. `None` when there is no match.
+/// finds it with Python's `re.search(r"So the answer is (.*?)\.", output)`:
+/// the shortest run of non-newline characters followed by a period, from the
+/// first occurrence where such a run exists. `None` when there is no match.
+/// The same pattern in the `regex` crate (`.` excludes `\n` in both).
 pub fn bbh_find_answer(output: &str) -> Option<&str> {
-    const CUE: &str = "So the answer is ";
-    let mut from = 0;
-    while let Some(i) = output[from..].find(CUE) {
-        let start = from + i + CUE.len();
-        let rest = &output[start..];
-        match rest.find(['.', '\n']) {
-            Some(j) if rest.as_bytes()[j] == b'.' => return Some(&rest[..j]),
-            _ => {}
-        }
-        from = from + i + 1;
-    }
-    None
+    static CUE: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new(r"So the answer is (.*?)\.").expect("valid regex"));
+    CUE.captures(output)
+        .and_then(|c| c.get(1))
+        .map(|m| m.as_str())
 }
 
 /// LESS's BBH prediction from a generation: the stripped answer found by
@@ -70,27 +67,13 @@ pub fn squad_normalize(s: &str) -> String {
         .chars()
         .filter(|c| !is_ascii_punct(*c))
         .collect();
-    // Remove articles: replace whole-word a/an/the by a space.
-    let is_word = |c: char| c.is_alphanumeric() || c == '_';
-    let mut no_articles = String::with_capacity(lowered.len());
-    let mut word = String::new();
-    let flush = |word: &mut String, out: &mut String| {
-        if matches!(word.as_str(), "a" | "an" | "the") {
-            out.push(' ');
-        } else {
-            out.push_str(word);
-        }
-        word.clear();
-    };
-    for c in lowered.chars() {
-        if is_word(c) {
-            word.push(c);
-        } else {
-            flush(&mut word, &mut no_articles);
-            no_articles.push(c);
-        }
-    }
-    flush(&mut word, &mut no_articles);
+    // SQuAD's `re.sub(r"\b(a|an|the)\b", " ", text)`: whole-word articles
+    // become a space. Both engines use Unicode word boundaries; they differ
+    // only next to combining marks, which `regex` counts as word characters
+    // and Python does not.
+    static ARTICLES: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new(r"\b(a|an|the)\b").expect("valid regex"));
+    let no_articles = ARTICLES.replace_all(&lowered, " ");
     no_articles.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 

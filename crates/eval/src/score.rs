@@ -17,27 +17,15 @@ pub struct ChoiceItem {
     pub candidates: Vec<Vec<u32>>,
 }
 
-/// Groups row indices (sorted by length, longest first) into batches of at
-/// most `batch_tokens` padded tokens (at least one row each).
+/// Row indices longest first, in batches of at most `batch_tokens` padded
+/// tokens (at least one row each).
 fn plan_batches(lengths: &[usize], batch_tokens: usize) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..lengths.len()).collect();
-    order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]).then(a.cmp(&b)));
-    let mut out: Vec<Vec<usize>> = Vec::new();
-    let mut cur: Vec<usize> = Vec::new();
-    let mut cur_max = 0usize;
-    for i in order {
-        let m = cur_max.max(lengths[i]);
-        if !cur.is_empty() && m * (cur.len() + 1) > batch_tokens {
-            out.push(std::mem::take(&mut cur));
-            cur_max = 0;
-        }
-        cur_max = cur_max.max(lengths[i]);
-        cur.push(i);
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
+    dsel_model::plan_token_batches(
+        lengths,
+        &dsel_model::longest_first(lengths),
+        batch_tokens,
+        usize::MAX,
+    )
 }
 
 fn log_softmax_at(logits: &[f32], ids: &[u32]) -> Result<Vec<f64>> {

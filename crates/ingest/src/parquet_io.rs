@@ -3,7 +3,8 @@
 //! Columns: `id` utf8, `source` utf8, `subtask` utf8,
 //! `messages` list<struct<role utf8, content utf8>>, `references` list<utf8>.
 //! Written zstd-compressed with the `parquet` crate's `ArrowWriter`, to a temporary
-//! file in the target directory that is then renamed into place. The reader also
+//! file in the target directory that is then renamed into place
+//! ([`dsel_store::atomic_write_with`]). The reader also
 //! accepts user-supplied files with these columns: `references` and `subtask` may
 //! be absent, `source` too (then the file stem is used), and utf8 may be large-utf8.
 
@@ -106,36 +107,19 @@ pub fn write_examples_parquet(path: &Path, examples: &[Example]) -> Result<()> {
     let shown = path.display().to_string();
     let werr =
         |e: &dyn std::fmt::Display| IngestError::file(&shown, format!("cannot write Parquet: {e}"));
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "examples".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| -> Result<()> {
-        let file = File::create(&tmp).map_err(|e| werr(&e))?;
+    dsel_store::atomic_write_with(path, |file| {
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
             .build();
-        let mut writer =
-            ArrowWriter::try_new(file, examples_schema(), Some(props)).map_err(|e| werr(&e))?;
+        let mut writer = ArrowWriter::try_new(file, examples_schema(), Some(props))?;
         // Write in chunks so one row group never holds the whole pool in memory twice.
         for chunk in examples.chunks(16_384) {
-            let batch = examples_to_batch(chunk).map_err(|e| werr(&e))?;
-            writer.write(&batch).map_err(|e| werr(&e))?;
+            writer.write(&examples_to_batch(chunk)?)?;
         }
-        let file = writer.into_inner().map_err(|e| werr(&e))?;
-        file.sync_all().map_err(|e| werr(&e))?;
-        std::fs::rename(&tmp, path).map_err(|e| werr(&e))?;
+        writer.close()?;
         Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    })
+    .map_err(|e| werr(&format!("{e:#}")))
 }
 
 /// Read a canonical Parquet example table (ids are kept as stored).

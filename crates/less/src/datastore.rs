@@ -232,29 +232,6 @@ fn read_shard(path: &Path, rows: usize, d: usize, label: &str) -> Option<NpyArra
     (a.shape() == [rows, d] && a.dtype() == dsel_store::DType::F16).then_some(a)
 }
 
-/// Micro-batches of `order` (examples sorted by decreasing length) within
-/// both budgets.
-fn plan_batches(lengths: &[usize], order: &[usize], cfg: &DatastoreConfig) -> Vec<Vec<usize>> {
-    let mut out = Vec::new();
-    let mut cur: Vec<usize> = Vec::new();
-    let mut cur_max = 0usize;
-    for &i in order {
-        let m = cur_max.max(lengths[i]);
-        if !cur.is_empty()
-            && ((cur.len() + 1) * m > cfg.batch_tokens || cur.len() >= cfg.micro_batch)
-        {
-            out.push(std::mem::take(&mut cur));
-            cur_max = 0;
-        }
-        cur_max = cur_max.max(lengths[i]);
-        cur.push(i);
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
-}
-
 /// Accumulates gradient rows and projects them in batches.
 struct Projecting<'a> {
     proj: &'a Projector,
@@ -326,7 +303,9 @@ fn compute_shard(
         buf: Vec::new(),
         rows: Vec::with_capacity(cfg.proj_batch),
     };
-    for batch_idx in plan_batches(&lengths, &order, cfg) {
+    for batch_idx in
+        dsel_model::plan_token_batches(&lengths, &order, cfg.batch_tokens, cfg.micro_batch)
+    {
         if !acc.rows.is_empty() && acc.rows.len() + batch_idx.len() > cfg.proj_batch {
             acc.flush(&mut out, project_secs)?;
         }

@@ -125,3 +125,71 @@ impl Batch {
         v
     }
 }
+
+/// Groups `order` (example indices, usually sorted by decreasing length) into
+/// consecutive batches for [`Batch::new`]: a batch grows while its padded size
+/// (rows × its longest length) stays within `batch_tokens` and it holds at
+/// most `max_rows` rows. Every batch has at least one row, so an example
+/// longer than the budget gets a batch of its own. Every index of `order`
+/// appears exactly once, in order.
+pub fn plan_token_batches(
+    lengths: &[usize],
+    order: &[usize],
+    batch_tokens: usize,
+    max_rows: usize,
+) -> Vec<Vec<usize>> {
+    let mut batches = Vec::new();
+    let mut cur: Vec<usize> = Vec::new();
+    let mut cur_max = 0usize;
+    for &i in order {
+        let m = cur_max.max(lengths[i]);
+        if !cur.is_empty() && ((cur.len() + 1) * m > batch_tokens || cur.len() >= max_rows) {
+            batches.push(std::mem::take(&mut cur));
+            cur_max = 0;
+        }
+        cur_max = cur_max.max(lengths[i]);
+        cur.push(i);
+    }
+    if !cur.is_empty() {
+        batches.push(cur);
+    }
+    batches
+}
+
+/// `0..lengths.len()` sorted by decreasing length, ties by index: the order
+/// that keeps padding smallest in [`plan_token_batches`].
+pub fn longest_first(lengths: &[usize]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]).then(a.cmp(&b)));
+    order
+}
+
+#[cfg(test)]
+mod planner_tests {
+    use super::*;
+
+    #[test]
+    fn batches_cover_every_index_within_both_budgets() {
+        let lengths = [5, 9, 3, 9, 1, 7, 2, 8];
+        let order = longest_first(&lengths);
+        assert_eq!(order, vec![1, 3, 7, 5, 0, 2, 6, 4]);
+        let batches = plan_token_batches(&lengths, &order, 20, 3);
+        let flat: Vec<usize> = batches.iter().flatten().copied().collect();
+        assert_eq!(flat, order);
+        for b in &batches {
+            let longest = b.iter().map(|&i| lengths[i]).max().unwrap();
+            assert!(b.len() <= 3);
+            assert!(b.len() * longest <= 20 || b.len() == 1);
+        }
+        // 9,9 (18) | 8,7 (16) | 5,3,2 (15) | 1.
+        assert_eq!(
+            batches,
+            vec![vec![1, 3], vec![7, 5], vec![0, 2, 6], vec![4]]
+        );
+        // An example over the budget gets a batch of its own.
+        assert_eq!(
+            plan_token_batches(&[30, 2], &[0, 1], 10, 8),
+            vec![vec![0], vec![1]]
+        );
+    }
+}

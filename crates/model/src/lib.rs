@@ -21,7 +21,7 @@ pub mod model;
 pub mod ops;
 pub mod rng;
 
-pub use batch::{Batch, Mode};
+pub use batch::{longest_first, plan_token_batches, Batch, Mode};
 pub use config::LlamaConfig;
 pub use dsel_kernels::Precision;
 pub use hf::load_hf;

@@ -29,7 +29,7 @@ pub fn text(e: &Example) -> String {
 fn batches(set: &TokenizedSet, cfg: &SweepConfig) -> Vec<Vec<usize>> {
     let lengths: Vec<usize> = (0..set.len()).map(|i| set.example(i).0.len()).collect();
     let order: Vec<usize> = (0..set.len()).collect();
-    dsel_sweep::plan_batches(&lengths, &order, cfg)
+    dsel_model::plan_token_batches(&lengths, &order, cfg.batch_tokens, cfg.max_batch)
 }
 
 fn batch_of(set: &TokenizedSet, idx: &[usize], model: &Model) -> Result<Batch> {

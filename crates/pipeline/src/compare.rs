@@ -398,7 +398,7 @@ pub fn compare(
         task: base.task.clone(),
         pool: base.pool.clone(),
         pool_size: pool_set.len(),
-        budget: format!("{:?}", base.budget),
+        budget: base.budget.to_string(),
         pool_lengths: pool_set.index.iter().map(|r| r.n_tokens).collect(),
         pool_by_source: dsel_select::output::count_by_source(
             pool_set.index.iter().map(|r| r.source.as_str()),

@@ -103,13 +103,39 @@ pub(crate) fn parent_dir(path: &Path) -> &Path {
 /// The parent directory must exist.
 pub fn atomic_write(path: impl AsRef<Path>, bytes: impl AsRef<[u8]>) -> Result<()> {
     let path = path.as_ref();
+    atomic_write_with(path, |file| {
+        file.write_all(bytes.as_ref())?;
+        Ok(())
+    })
+}
+
+/// Writes `path` atomically through `write`, which streams the content into
+/// a temporary file in the same directory (for writers that want a `File`,
+/// such as Parquet's); the file is then fsynced and renamed over `path`, and
+/// the directory fsynced, as [`atomic_write`] does. On error the temporary
+/// file is removed and `path` is untouched. The parent directory must exist.
+pub fn atomic_write_with(
+    path: impl AsRef<Path>,
+    write: impl FnOnce(&mut File) -> Result<()>,
+) -> Result<()> {
+    let path = path.as_ref();
     let mut tmp = TempFile::create(path)?;
     let tmp_path = tmp.tmp_path().to_path_buf();
-    tmp.file()
-        .write_all(bytes.as_ref())
-        .with_context(|| format!("writing {}", tmp_path.display()))?;
+    write(tmp.file()).with_context(|| format!("writing {}", tmp_path.display()))?;
     tmp.persist()
         .with_context(|| format!("atomically writing {}", path.display()))
+}
+
+/// Whether `file_name` is a temporary file that [`atomic_write`] or
+/// [`atomic_write_with`] creates next to its target
+/// (`.<name>.tmp-<nonce>`), returning the target's name. A crash between
+/// creating and renaming such a file leaves it behind; cleaners use this to
+/// recognise it.
+pub fn temp_file_target(file_name: &str) -> Option<&str> {
+    file_name
+        .strip_prefix('.')
+        .and_then(|n| n.split_once(".tmp-"))
+        .map(|(target, _)| target)
 }
 
 /// fsyncs a directory so a rename inside it is durable (no-op where
@@ -288,5 +314,29 @@ mod tests {
         assert_eq!(fs::read(&p).unwrap(), b"two");
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().flatten().collect();
         assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn atomic_write_with_failure_leaves_target_and_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("b.bin");
+        atomic_write(&p, b"old").unwrap();
+        let err = atomic_write_with(&p, |f| {
+            f.write_all(b"partial")?;
+            anyhow::bail!("writer failed")
+        });
+        assert!(err.is_err());
+        assert_eq!(fs::read(&p).unwrap(), b"old");
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn temp_file_names_are_recognised() {
+        let tmp = TempFile::create(Path::new("/nonexistent-dir/x.json"));
+        assert!(tmp.is_err());
+        assert_eq!(temp_file_target(".x.json.tmp-12-0-00ab"), Some("x.json"));
+        assert_eq!(temp_file_target("x.json"), None);
+        assert_eq!(temp_file_target(".hidden"), None);
     }
 }

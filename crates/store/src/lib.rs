@@ -37,7 +37,9 @@ mod sealed;
 mod store;
 mod table;
 
-pub use fsutil::{atomic_write, process_cpu_seconds, rfc3339_utc};
+pub use fsutil::{
+    atomic_write, atomic_write_with, process_cpu_seconds, rfc3339_utc, temp_file_target,
+};
 pub use key::{canonical_json, validate_stage_name, ArtifactKey, StageSpec};
 pub use manifest::{hash_file, FileEntry, Manifest, MANIFEST_FILE, MANIFEST_FORMAT};
 pub use npy::{read_npy, write_npy, DType, NpyArray, NpyElement, NpyWriter};

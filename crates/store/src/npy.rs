@@ -358,7 +358,7 @@ impl<T: NpyElement> NpyWriter<T> {
             }
             0
         } else {
-            if self.elements % self.row_len as u64 != 0 {
+            if !self.elements.is_multiple_of(self.row_len as u64) {
                 bail!(
                     "{}: {} elements written, not a whole number of rows of shape {:?} ({} elements each)",
                     self.path.display(),

@@ -6,7 +6,7 @@
 //! <root>/<stage>/<key>/          finished artifacts (files + manifest.json)
 //! <root>/tmp/<key>-<nonce>/      builds in progress (and corrupt artifacts being removed)
 //! <root>/partial/<stage>/<key>/  resumable scratch space of a build (Builder::scratch_dir)
-//! <root>/locks/<key>.lock        per-key lock files (fs2 locks: exclusive for
+//! <root>/locks/<key>.lock        per-key lock files (std flock locks: exclusive for
 //!                                a build or gc, shared while a reader opens it)
 //! <root>/locks/<pid>-<n>-<t>.lease  one per open store that handed out artifacts:
 //!                                their keys, one a line; locked by its owner
@@ -31,9 +31,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use fs2::FileExt;
 use rayon::prelude::*;
 use serde_json::Value;
+use std::fs::TryLockError;
 
 use crate::fsutil::{
     atomic_write, disk_bytes, fsync_dir, mtime_secs, newest_mtime, nonce, now_unix, remove_path,
@@ -509,18 +509,19 @@ impl Store {
         shared: bool,
         blocking: bool,
     ) -> Result<Option<KeyLock>> {
+        // std's advisory file locks (flock(2) on Unix, LockFileEx on Windows).
         let try_lock = |f: &File| {
             if shared {
-                FileExt::try_lock_shared(f)
+                f.try_lock_shared()
             } else {
-                FileExt::try_lock_exclusive(f)
+                f.try_lock()
             }
         };
         let lock = |f: &File| {
             if shared {
-                FileExt::lock_shared(f)
+                f.lock_shared()
             } else {
-                FileExt::lock_exclusive(f)
+                f.lock()
             }
         };
         let path = self.lock_path(key);
@@ -544,13 +545,14 @@ impl Store {
                     );
                     lock(&file).with_context(|| format!("locking {}", path.display()))?;
                 }
-            } else if let Err(e) = try_lock(&file) {
-                if e.kind() == fs2::lock_contended_error().kind()
-                    || e.kind() == std::io::ErrorKind::WouldBlock
-                {
-                    return Ok(None);
+            } else {
+                match try_lock(&file) {
+                    Ok(()) => {}
+                    Err(TryLockError::WouldBlock) => return Ok(None),
+                    Err(TryLockError::Error(e)) => {
+                        return Err(e).with_context(|| format!("locking {}", path.display()))
+                    }
                 }
-                return Err(e).with_context(|| format!("locking {}", path.display()));
             }
             // gc may have removed the lock file between our open and lock:
             // then we hold a lock on an unlinked inode and must retry.
@@ -605,7 +607,8 @@ impl Store {
             .create_new(true)
             .open(&tmp)
             .with_context(|| format!("creating lease file {}", tmp.display()))?;
-        FileExt::try_lock_exclusive(&file)
+        file.try_lock()
+            .map_err(std::io::Error::from)
             .with_context(|| format!("locking lease file {}", tmp.display()))?;
         fs::rename(&tmp, &path)
             .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
@@ -630,7 +633,7 @@ impl Store {
             let Ok(file) = File::open(e.path()) else {
                 continue; // removed meanwhile: its owner is gone
             };
-            if FileExt::try_lock_exclusive(&file).is_ok() {
+            if file.try_lock().is_ok() {
                 continue; // nobody holds it: the owner has exited
             }
             let Ok(text) = fs::read_to_string(e.path()) else {
@@ -1303,7 +1306,7 @@ impl Store {
                 return;
             }
         }
-        if FileExt::try_lock_exclusive(&file).is_err() {
+        if file.try_lock().is_err() {
             return; // its store is open in a live process
         }
         let bytes = disk_bytes(path);

@@ -634,7 +634,7 @@ fn gc_dry_run_then_real() {
             .join(format!("{}.lock", fresh.key())),
     )
     .unwrap();
-    fs2::FileExt::lock_exclusive(&lock).unwrap();
+    lock.lock().unwrap();
     let all = store
         .gc(&GcOptions {
             older_than: Duration::ZERO,

@@ -66,28 +66,6 @@ pub struct SweepReport {
     pub tokens_per_second: f64,
 }
 
-/// Group `order` (example indices, e.g. sorted by decreasing length) into
-/// consecutive batches whose padded size stays within the budget.
-pub fn plan_batches(lengths: &[usize], order: &[usize], cfg: &SweepConfig) -> Vec<Vec<usize>> {
-    let mut batches = Vec::new();
-    let mut cur: Vec<usize> = Vec::new();
-    let mut cur_max = 0usize;
-    for &i in order {
-        let m = cur_max.max(lengths[i]);
-        if !cur.is_empty() && ((cur.len() + 1) * m > cfg.batch_tokens || cur.len() >= cfg.max_batch)
-        {
-            batches.push(std::mem::take(&mut cur));
-            cur_max = 0;
-        }
-        cur_max = cur_max.max(lengths[i]);
-        cur.push(i);
-    }
-    if !cur.is_empty() {
-        batches.push(cur);
-    }
-    batches
-}
-
 fn shard_path(scratch: &Path, s: usize, what: &str) -> PathBuf {
     scratch.join(format!("shard-{s:06}.{what}.npy"))
 }
@@ -108,7 +86,9 @@ fn sweep_shard(
         .collect();
     let mut order: Vec<usize> = range.clone().collect();
     order.sort_by_key(|&i| (std::cmp::Reverse(lengths[i]), i));
-    for batch_idx in plan_batches(&lengths, &order, cfg) {
+    for batch_idx in
+        dsel_model::plan_token_batches(&lengths, &order, cfg.batch_tokens, cfg.max_batch)
+    {
         let seqs: Vec<(&[u32], &[u8])> = batch_idx.iter().map(|&i| set.example(i)).collect();
         let batch = Batch::new(&seqs, model.device())?;
         // No autograd graph: an adapter's LoRA weights are Vars, and tracking
@@ -258,32 +238,5 @@ impl SweepResult {
     /// Per-example completion-only mean loss.
     pub fn loss(&self) -> Result<&[f32]> {
         self.loss.as_slice::<f32>()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batches_respect_budget_and_cover_everything() {
-        let lengths = vec![100, 90, 50, 50, 10, 10, 10, 5];
-        let order: Vec<usize> = (0..8).collect();
-        let cfg = SweepConfig {
-            shard_examples: 8,
-            batch_tokens: 200,
-            max_batch: 3,
-        };
-        let b = plan_batches(&lengths, &order, &cfg);
-        let mut all: Vec<usize> = b.concat();
-        all.sort();
-        assert_eq!(all, order);
-        for batch in &b {
-            let m = batch.iter().map(|&i| lengths[i]).max().unwrap();
-            assert!(
-                batch.len() <= 3 && (batch.len() == 1 || batch.len() * m <= 200),
-                "{batch:?}"
-            );
-        }
     }
 }

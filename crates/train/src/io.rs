@@ -1,46 +1,24 @@
 //! Atomic file writes and safetensors helpers.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
 use candle_core::{Device, Tensor};
 
-/// Prefix of the temporary files this crate creates next to their targets.
-pub(crate) const TMP_PREFIX: &str = ".dsel-train-tmp-";
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder is
-/// written, flushed to disk and renamed over `path`, so a reader (or a run
-/// killed mid-write) sees either the old file or the new one, never a part.
+/// Writes `bytes` to `path` atomically, creating its folder first; see
+/// [`dsel_store::atomic_write`].
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
+    let dir = dsel_store_parent(path);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating folder {}", dir.display()))?;
+    dsel_store::atomic_write(path, bytes)
+}
+
+fn dsel_store_parent(path: &Path) -> &Path {
+    match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
-    };
-    std::fs::create_dir_all(dir).with_context(|| format!("creating folder {}", dir.display()))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(TMP_PREFIX)
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(bytes)
-        .with_context(|| format!("writing a temporary file for {}", path.display()))?;
-    tmp.as_file()
-        .sync_all()
-        .with_context(|| format!("flushing a temporary file for {}", path.display()))?;
-    tmp.persist(path).map_err(|e| {
-        anyhow!(
-            "renaming a temporary file onto {}: {}",
-            path.display(),
-            e.error
-        )
-    })?;
-    // Make the rename itself durable; failure to open a folder for syncing is
-    // not fatal on platforms that do not support it.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
     }
-    Ok(())
 }
 
 /// Serialises named tensors (any layout, any device) and string metadata to a
@@ -100,44 +78,9 @@ pub(crate) fn read_safetensors(
     Ok((tensors, metadata))
 }
 
-/// 64-bit FNV-1a hasher (stable across platforms and releases), used for
-/// configuration fingerprints.
-#[derive(Debug, Clone)]
-pub(crate) struct Fnv64(u64);
-
-impl Fnv64 {
-    /// A fresh hasher.
-    pub(crate) fn new() -> Self {
-        Fnv64(0xcbf2_9ce4_8422_2325)
-    }
-    /// Feeds bytes.
-    pub(crate) fn update(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    /// The hash so far.
-    pub(crate) fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fnv_known_values() {
-        // Reference values of 64-bit FNV-1a.
-        let mut h = Fnv64::new();
-        assert_eq!(h.finish(), 0xcbf29ce484222325);
-        h.update(b"a");
-        assert_eq!(h.finish(), 0xaf63dc4c8601ec8c);
-        let mut h = Fnv64::new();
-        h.update(b"foobar");
-        assert_eq!(h.finish(), 0x85944171f73967e8);
-    }
 
     #[test]
     fn atomic_write_replaces() {
@@ -149,7 +92,7 @@ mod tests {
         let leftovers: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with(TMP_PREFIX))
+            .filter(|e| dsel_store::temp_file_target(&e.file_name().to_string_lossy()).is_some())
             .collect();
         assert!(leftovers.is_empty());
     }

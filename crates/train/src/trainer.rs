@@ -63,7 +63,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::adamw::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator};
 use crate::error::TrainError;
-use crate::io::{read_safetensors, safetensors_bytes, Fnv64, TMP_PREFIX};
+use crate::io::{read_safetensors, safetensors_bytes};
 use crate::schedule::{batches, dropout_seed, epoch_order, LinearSchedule};
 
 /// Name of the checkpoint index file inside `ckpt_dir`.
@@ -444,7 +444,7 @@ struct CheckpointIndex {
 /// Fingerprint of a run: configuration, number of examples, variable names,
 /// shapes, dtypes and initial values.
 fn fingerprint(vars: &[(String, Var)], n_examples: usize, cfg: &TrainConfig) -> Result<String> {
-    let mut h = Fnv64::new();
+    let mut h = blake3::Hasher::new();
     let meta = serde_json::json!({
         "format": CHECKPOINT_FORMAT,
         "config": serde_json::to_value(cfg)?,
@@ -458,28 +458,29 @@ fn fingerprint(vars: &[(String, Var)], n_examples: usize, cfg: &TrainConfig) -> 
         let t = var.as_tensor().flatten_all()?;
         if var.dtype() == DType::F64 {
             let vals: Vec<f64> = t.to_vec1()?;
-            for x in vals {
-                h.update(&x.to_bits().to_le_bytes());
-            }
+            let bytes: Vec<u8> = vals
+                .iter()
+                .flat_map(|x| x.to_bits().to_le_bytes())
+                .collect();
+            h.update(&bytes);
         } else {
             let vals: Vec<f32> = t
                 .to_dtype(DType::F32)?
                 .to_vec1()
                 .with_context(|| format!("reading variable `{name}`"))?;
-            for x in vals {
-                h.update(&x.to_bits().to_le_bytes());
-            }
+            let bytes: Vec<u8> = vals
+                .iter()
+                .flat_map(|x| x.to_bits().to_le_bytes())
+                .collect();
+            h.update(&bytes);
         }
     }
-    Ok(format!("{:016x}", h.finish()))
+    Ok(h.finalize().to_hex().to_string())
 }
 
 fn is_ours(file_name: &str) -> bool {
     // A temporary file `dsel_store::atomic_write` left behind: `.<name>.tmp-<nonce>`.
-    if let Some((inner, _)) = file_name
-        .strip_prefix('.')
-        .and_then(|n| n.split_once(".tmp-"))
-    {
+    if let Some(inner) = dsel_store::temp_file_target(file_name) {
         let base = inner
             .strip_suffix(dsel_store::DIGEST_SUFFIX)
             .unwrap_or(inner);
@@ -488,9 +489,8 @@ fn is_ours(file_name: &str) -> bool {
     let file_name = file_name
         .strip_suffix(dsel_store::DIGEST_SUFFIX)
         .unwrap_or(file_name);
-    file_name.starts_with(TMP_PREFIX)
-        || ((file_name.starts_with("vars-") || file_name.starts_with("optimizer-"))
-            && file_name.ends_with(".safetensors"))
+    (file_name.starts_with("vars-") || file_name.starts_with("optimizer-"))
+        && file_name.ends_with(".safetensors")
 }
 
 /// Largest `<seq>` of `vars-<seq>.safetensors` / `optimizer-<seq>.safetensors` in `dir`.
@@ -908,7 +908,7 @@ pub fn train(
 
             let epoch_done = pos.batch_in_epoch == micro.len();
             if let Some(every) = cfg.checkpoint_every_steps {
-                if !epoch_done && pos.step % every == 0 {
+                if !epoch_done && pos.step.is_multiple_of(every) {
                     hooks.before_checkpoint(pos.step, ckpt_dir)?;
                     ck.write(&opt, pos, &completed, &current)?;
                 }
