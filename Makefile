@@ -56,7 +56,7 @@ SELECTORS ?=
 SEEDS ?= 1
 compare: setup
 	$(BIN) compare --task $(TASK) --methods $(METHODS) --model $(MODEL) --pool $(POOL) --seed $(SEED) \
-	  --seeds $(SEEDS) --selectors "$(SELECTORS)" $(if $(FULL_POOL),--full-pool) \
+	  --seeds $(SEEDS) $(if $(SELECTORS),--selectors $(SELECTORS)) $(if $(FULL_POOL),--full-pool) \
 	  $(if $(EVAL_CAP),--eval-cap $(EVAL_CAP)) $(if $(MMLU_SHOTS),--mmlu-shots $(MMLU_SHOTS)) \
 	  $(if $(POOL_LIMIT),--pool-limit $(POOL_LIMIT)) $(if $(BUDGET),--budget $(BUDGET))
 

@@ -42,23 +42,19 @@ struct Global {
     /// accumulation; weights, norms, softmax, LoRA weights, gradients and
     /// optimizer state stay f32), `f32`, or `auto`: bf16 where the processor
     /// has bf16 units and MKL loaded, else f32. Part of every model stage's key.
-    #[arg(long, global = true, env = "DSEL_PRECISION", default_value = "auto", value_parser = parse_precision)]
+    #[arg(long, global = true, env = "DSEL_PRECISION", value_enum, default_value_t = PrecisionChoice::Auto)]
     precision: PrecisionChoice,
 }
 
 /// `--precision`: a fixed precision or the machine's fastest.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum PrecisionChoice {
+    /// bf16 where the processor has bf16 units and MKL loaded, else f32.
     Auto,
-    Fixed(dsel_model::Precision),
-}
-
-fn parse_precision(s: &str) -> std::result::Result<PrecisionChoice, String> {
-    if s.eq_ignore_ascii_case("auto") {
-        Ok(PrecisionChoice::Auto)
-    } else {
-        s.parse().map(PrecisionChoice::Fixed)
-    }
+    /// bf16 GEMM inputs, f32 accumulation.
+    Bf16,
+    /// f32 throughout.
+    F32,
 }
 
 impl Global {
@@ -66,7 +62,8 @@ impl Global {
     fn precision(&self) -> dsel_model::Precision {
         match self.precision {
             PrecisionChoice::Auto => dsel_model::Precision::fastest(),
-            PrecisionChoice::Fixed(p) => p,
+            PrecisionChoice::Bf16 => dsel_model::Precision::Bf16,
+            PrecisionChoice::F32 => dsel_model::Precision::F32,
         }
     }
 
@@ -114,8 +111,7 @@ struct PoolArgs {
     /// Pool mixture: a name in pipelines/pools/ (default, tiny, flan-cot, t0) or a .toml path.
     #[arg(long, default_value = "default")]
     pool: String,
-    /// Keep this many pool examples (seeded sample); 0 = the whole pool. Default: the preset's.
-    #[arg(long)]
+    #[arg(long, help = pool_limit_help())]
     pool_limit: Option<usize>,
     /// Keep at most this many examples per source.
     #[arg(long)]
@@ -124,40 +120,43 @@ struct PoolArgs {
 
 #[derive(Args, Debug)]
 struct SelectArgs {
+    /// Selection method.
+    #[arg(long, default_value = "tov")]
+    method: Method,
+    /// Output folder. Default: runs/<task>-<method>.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    opts: SelectionOptions,
+}
+
+/// What every selection takes (`select`, each `compare` row, each `quality` run).
+#[derive(Args, Debug, Clone)]
+struct SelectionOptions {
     /// Target: mmlu, bbh, tydiqa, or a path to a file of target examples.
     #[arg(long)]
     task: String,
-    /// Method: tov (ToV Method A), tov-b (Method B), random, max-uncertainty, max-loss, grad-norm, bm25, dsir, rds, less.
-    #[arg(long, default_value = "tov")]
-    method: Method,
     /// Model: a GGUF file, a Hugging Face folder or a llama2.c .bin.
     #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     model: PathBuf,
     #[command(flatten)]
     pool: PoolArgs,
-    /// Hyper-parameter preset: cpu (default, minutes on 2 cores) or paper (the papers' GPU settings).
+    /// Hyper-parameter preset.
     #[arg(long, default_value = "cpu")]
     preset: Preset,
-    /// Budget: a count (500), a fraction (0.05) or a percentage (5%). Default: the preset's.
-    #[arg(long)]
+    #[arg(long, help = preset_default("Budget: a count (500), a fraction (0.05) or a percentage (5%)", |v| v.budget.to_string()))]
     budget: Option<Budget>,
-    /// Maximum tokens per example. Default: the preset's.
-    #[arg(long)]
+    #[arg(long, help = preset_default("Maximum tokens per pool example", |v| v.max_len.to_string()))]
     max_len: Option<usize>,
-    /// Maximum tokens per target example. Default: the preset's.
-    #[arg(long)]
+    #[arg(long, help = preset_default("Maximum tokens per target example", |v| v.target_max_len.to_string()))]
     target_max_len: Option<usize>,
-    /// ToV: size of the base-training subset U. Default: the preset's.
-    #[arg(long)]
+    #[arg(long, help = preset_default("ToV: size of the base-training subset U", |v| v.u_size.to_string()))]
     u_size: Option<usize>,
-    /// ToV: number of rounds L. Default: the preset's.
-    #[arg(long)]
+    #[arg(long, help = preset_default("ToV: number of rounds L", |v| v.rounds.to_string()))]
     rounds: Option<usize>,
-    /// ToV: base learning rate (> 0). Default: the preset's.
-    #[arg(long, value_parser = positive_f64)]
+    #[arg(long, value_parser = positive_f64, help = preset_default("ToV: base learning rate (> 0)", |v| v.lr.to_string()))]
     lr: Option<f64>,
-    /// ToV: LoRA rank. Default: the preset's.
-    #[arg(long)]
+    #[arg(long, help = preset_default("ToV: LoRA rank (α scales with it)", |v| v.lora.rank.to_string()))]
     lora_rank: Option<usize>,
     /// ToV: validation fine-tune LR as a fraction of the base LR.
     #[arg(long, default_value_t = 0.1, value_parser = positive_f64)]
@@ -165,31 +164,25 @@ struct SelectArgs {
     /// ToV: epochs of the validation fine-tune (the paper: 1).
     #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     val_epochs: usize,
-    /// ToV: per-token transform F: identity, abs or relu.
+    /// ToV: per-token transform F.
     #[arg(long, default_value = "identity")]
     transform: Transform,
-    /// ToV: selection rule: score-random (paper default) or score-only.
-    #[arg(long, default_value = "score-random", value_parser = parse_rule)]
+    /// ToV: selection rule.
+    #[arg(long, default_value = "score-random")]
     rule: SelectionRule,
     /// Number of equal-count length bins for the length-bias correction.
     #[arg(long, default_value_t = 10, value_parser = at_least_one)]
     bins: usize,
-    /// ToV: length the bins are over: completion (label tokens, the T of the
-    /// per-token mean) or sequence (prompt + completion).
+    /// ToV: the length the bins are over.
     #[arg(long, default_value = "completion")]
     bin_by: dsel_pipeline::methods::BinBy,
     /// Seed of every random choice (pool sample, U, shuffles, LoRA init, random picks).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Output folder. Default: runs/<task>-<method>.
-    #[arg(long)]
-    out: Option<PathBuf>,
     /// Sweep batch budget in tokens (batch size × padded length).
     #[arg(long, default_value_t = 4096)]
     batch_tokens: usize,
-    /// How examples longer than the max length are cut: keep-completion
-    /// (drop the prompt's start so the answer stays in the window) or right
-    /// (LESS; an example whose prompt fills the window is skipped).
+    /// How examples longer than the max length are cut.
     #[arg(long, default_value = "keep-completion")]
     truncation: dsel_tokenize::Truncation,
     /// ToV: score by Δ − Δ_ctl, where Δ_ctl is the loss change of the same
@@ -198,6 +191,37 @@ struct SelectArgs {
     /// fine-tune gives every example; doubles the validation sweeps).
     #[arg(long)]
     tov_control: bool,
+}
+
+/// Help text for an option whose default comes from the preset, with both
+/// presets' actual values.
+fn preset_default(what: &str, value: fn(&methods::PresetValues) -> String) -> String {
+    format!(
+        "{what} [default: {} (cpu preset), {} (paper preset)]",
+        value(&Preset::Cpu.values()),
+        value(&Preset::Paper.values())
+    )
+}
+
+/// Help of `--pool-limit`, with the presets' values.
+fn pool_limit_help() -> String {
+    let show = |p: Preset| {
+        p.values()
+            .pool_limit
+            .map_or_else(|| "the whole pool".to_string(), |n| n.to_string())
+    };
+    format!(
+        "Keep this many pool examples (a seeded sample); 0 = the whole pool. Default: select, \
+         compare, train-online and less-shard take the preset's ({} with cpu, {} with paper); \
+         ingest, tokenize and sweep keep the whole pool",
+        show(Preset::Cpu),
+        show(Preset::Paper)
+    )
+}
+
+/// `--shard i/N`.
+fn parse_shard(s: &str) -> Result<dsel_pipeline::less::ShardSel, String> {
+    dsel_pipeline::less::ShardSel::parse(s).map_err(|e| format!("{e:#}"))
 }
 
 /// A finite number > 0 (a learning rate or ratio of 0 makes every ToV score 0).
@@ -223,16 +247,6 @@ fn at_least_one(s: &str) -> Result<usize, String> {
         Ok(v)
     } else {
         Err("must be at least 1, got 0".into())
-    }
-}
-
-fn parse_rule(s: &str) -> Result<SelectionRule, String> {
-    match s {
-        "score-random" => Ok(SelectionRule::ScoreRandom),
-        "score-only" => Ok(SelectionRule::ScoreOnly),
-        _ => Err(format!(
-            "unknown rule {s:?} (expected score-random or score-only)"
-        )),
     }
 }
 
@@ -290,7 +304,7 @@ struct TrainOnlineArgs {
     /// Target whose validation examples GREATS uses and whose test set is evaluated.
     #[arg(long)]
     task: String,
-    /// Selector: greats, uds, maxloss, gradnorm or none.
+    /// Online selector.
     #[arg(long, default_value = "none")]
     selector: dsel_pipeline::online::SelectorKind,
     /// Model.
@@ -314,14 +328,15 @@ struct TrainOnlineArgs {
     #[arg(long, default_value_t = 2)]
     greats_val: usize,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, default_value_t = 2e-4, value_parser = positive_f64)]
     lr: f64,
-    /// Maximum tokens per pool example.
-    #[arg(long, default_value_t = 256)]
-    max_len: usize,
-    /// Maximum tokens per validation example.
-    #[arg(long, default_value_t = 768)]
-    target_max_len: usize,
+    /// Preset of the pool sample, max lengths, LoRA and evaluation.
+    #[arg(long, default_value = "cpu")]
+    preset: Preset,
+    #[arg(long, help = preset_default("Maximum tokens per pool example", |v| v.max_len.to_string()))]
+    max_len: Option<usize>,
+    #[arg(long, help = preset_default("Maximum tokens per validation example", |v| v.target_max_len.to_string()))]
+    target_max_len: Option<usize>,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -332,18 +347,17 @@ struct TrainOnlineArgs {
 #[derive(Args, Debug)]
 struct LessShardArgs {
     /// This worker's shard: i/N (0-based i < N); shard s is computed when s % N == i.
-    #[arg(long)]
-    shard: String,
+    #[arg(long, value_parser = parse_shard)]
+    shard: dsel_pipeline::less::ShardSel,
     /// Model.
     #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     model: PathBuf,
     #[command(flatten)]
     pool: PoolArgs,
-    /// Preset the LESS settings come from (cpu or paper).
+    /// Preset the LESS settings come from.
     #[arg(long, default_value = "cpu")]
     preset: Preset,
-    /// Maximum tokens per pool example. Default: the preset's.
-    #[arg(long)]
+    #[arg(long, help = preset_default("Maximum tokens per pool example", |v| v.max_len.to_string()))]
     max_len: Option<usize>,
     /// Seed (pool sample and warmup subset), as given to `select`.
     #[arg(long, default_value_t = 0)]
@@ -388,26 +402,32 @@ struct QualityArgs {
 #[derive(Parser, Debug)]
 struct SelectOnly {
     #[command(flatten)]
-    a: SelectArgs,
+    a: SelectionOptions,
 }
 
 #[derive(Args, Debug)]
 struct CompareArgs {
     #[command(flatten)]
-    select: SelectArgs,
-    /// Comma-separated static methods to compare.
-    #[arg(long, default_value = "random,tov,max-uncertainty,bm25")]
-    methods: String,
-    /// Comma-separated online selectors (greats, uds, maxloss, gradnorm, none)
-    /// to add as rows; empty for none.
-    #[arg(long, default_value = "")]
-    selectors: String,
+    opts: SelectionOptions,
+    /// Static methods to compare (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "random,tov,max-uncertainty,bm25"
+    )]
+    methods: Vec<Method>,
+    /// Online selectors to add as rows (comma-separated); none by default.
+    #[arg(long, value_delimiter = ',')]
+    selectors: Vec<dsel_pipeline::online::SelectorKind>,
+    /// Output folder. Default: runs/<task>-compare.
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Optimizer steps of each online row (B = the fine-tune's batch; k = B/2, UDS keeps 1 of 4).
     #[arg(long, default_value_t = 50)]
     online_steps: usize,
     /// Seeds per row (selection, LoRA initialisation and data order);
     /// the table reports mean ± standard deviation.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     seeds: usize,
     /// Also fine-tune on the whole (sub-sampled) pool as a reference.
     #[arg(long)]
@@ -484,7 +504,19 @@ fn subset(pool: &PoolArgs, default_limit: Option<usize>, seed: u64) -> SubsetOpt
     }
 }
 
-fn select_request(a: SelectArgs) -> Result<SelectRequest> {
+/// The short name of a target (`mmlu`, or a custom file's stem) for run folders.
+fn task_name(task: &str) -> Result<String> {
+    Ok(match TargetSpec::parse(task)? {
+        TargetSpec::Named(t) => t.name().to_string(),
+        TargetSpec::File(p) => p
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "custom".into()),
+    })
+}
+
+/// The request of one selection with `method`, writing to `out`.
+fn select_request(a: SelectionOptions, method: Method, out: PathBuf) -> Result<SelectRequest> {
     let mut values = a.preset.values();
     if let Some(x) = a.max_len {
         values.max_len = x;
@@ -506,19 +538,9 @@ fn select_request(a: SelectArgs) -> Result<SelectRequest> {
         values.lora.rank = r;
     }
     values.lora.seed = a.seed;
-    let task_name = match TargetSpec::parse(&a.task)? {
-        TargetSpec::Named(t) => t.name().to_string(),
-        TargetSpec::File(p) => p
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "custom".into()),
-    };
-    let out = a
-        .out
-        .unwrap_or_else(|| PathBuf::from(format!("runs/{task_name}-{}", a.method.name())));
     let req = SelectRequest {
         task: a.task,
-        method: a.method,
+        method,
         model: a.model,
         pool: a.pool.pool.clone(),
         subset: subset(&a.pool, values.pool_limit, a.seed),
@@ -537,7 +559,7 @@ fn select_request(a: SelectArgs) -> Result<SelectRequest> {
             epochs: a.val_epochs,
         },
         seed: a.seed,
-        out_dir: out.clone(),
+        out_dir: out,
         preset: a.preset,
         truncation: a.truncation,
         control: a.tov_control,
@@ -546,7 +568,15 @@ fn select_request(a: SelectArgs) -> Result<SelectRequest> {
 }
 
 fn run_select(g: &Global, a: SelectArgs) -> Result<()> {
-    let req = select_request(a)?;
+    let out = match a.out {
+        Some(o) => o,
+        None => PathBuf::from(format!(
+            "runs/{}-{}",
+            task_name(&a.opts.task)?,
+            a.method.name()
+        )),
+    };
+    let req = select_request(a.opts, a.method, out)?;
     let out = req.out_dir.clone();
     let mut p = g.pipeline()?;
     let s = methods::select(&mut p, &req)?;
@@ -651,9 +681,7 @@ fn run() -> Result<()> {
     if let Some(w) = dsel_kernels::fast_path_warning() {
         eprintln!("{w}");
     }
-    if let (PrecisionChoice::Fixed(dsel_model::Precision::Bf16), false) =
-        (g.precision, dsel_kernels::backend().bf16_native)
-    {
+    if let (PrecisionChoice::Bf16, false) = (g.precision, dsel_kernels::backend().bf16_native) {
         eprintln!(
             "warning: --precision bf16 without native bf16 products ({}): emulated in f32, slower than --precision f32",
             dsel_kernels::backend().description
@@ -741,7 +769,7 @@ fn run() -> Result<()> {
             argv.extend(a.select_args.iter().cloned());
             let sel = SelectOnly::try_parse_from(&argv)
                 .map_err(|e| anyhow::anyhow!("options after `--` (those of `dsel select`): {e}"))?;
-            let base = select_request(sel.a)?;
+            let base = select_request(sel.a, Method::Random, a.out.join("unused"))?;
             let opts = dsel_pipeline::quality::QualityOptions {
                 tasks: a.tasks.clone(),
                 methods: a.methods.clone(),
@@ -756,39 +784,20 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Compare(a) => {
-            let methods_list: Vec<Method> = a
-                .methods
-                .split(',')
-                .map(|m| m.trim().parse::<Method>().map_err(anyhow::Error::msg))
-                .collect::<Result<_>>()?;
-            let selectors: Vec<dsel_pipeline::online::SelectorKind> = a
-                .selectors
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| s.parse().map_err(anyhow::Error::msg))
-                .collect::<Result<_>>()?;
-            anyhow::ensure!(a.seeds >= 1, "--seeds must be at least 1");
             let opts = compare::CompareOptions {
-                methods: methods_list,
-                selectors,
+                methods: a.methods,
+                selectors: a.selectors,
                 online_steps: a.online_steps,
                 seeds: a.seeds,
                 full_pool: a.full_pool,
             };
-            let preset = a.select.preset;
-            let req = select_request(a.select)?;
-            let task_dir = req
-                .out_dir
-                .file_name()
-                .and_then(|f| f.to_str())
-                .unwrap_or("run")
-                .to_string();
-            let task_name = task_dir
-                .rsplit_once('-')
-                .map(|(t, _)| t.to_string())
-                .unwrap_or(task_dir);
-            let out = PathBuf::from(format!("runs/{task_name}-compare"));
+            let preset = a.opts.preset;
+            let out = match a.out {
+                Some(o) => o,
+                None => PathBuf::from(format!("runs/{}-compare", task_name(&a.opts.task)?)),
+            };
+            // Each row's selection goes to its own folder under `out`.
+            let req = select_request(a.opts, Method::Random, out.join("select"))?;
             let mut p = g.pipeline()?;
             let report = compare::compare(
                 &mut p,
@@ -806,14 +815,14 @@ fn run() -> Result<()> {
             use dsel_pipeline::online::{OnlineTrainConfig, SelectorConfig};
             let mut p = g.pipeline()?;
             p.load_model(&a.model)?;
-            let pool_ing = p.ingest_pool(
-                &a.pool.pool,
-                &subset(&a.pool, Preset::Cpu.values().pool_limit, a.seed),
-            )?;
-            let pool_tok = p.tokenize(&pool_ing, a.max_len, "pool")?;
+            let values = a.preset.values();
+            let pool_ing =
+                p.ingest_pool(&a.pool.pool, &subset(&a.pool, values.pool_limit, a.seed))?;
+            let pool_tok = p.tokenize(&pool_ing, a.max_len.unwrap_or(values.max_len), "pool")?;
             let target_ing = p.ingest_target(&TargetSpec::parse(&a.task)?)?;
-            let target_tok = p.tokenize(&target_ing, a.target_max_len, "target")?;
-            let tcfg = evaluate::TrainOnSelection::cpu();
+            let target_max_len = a.target_max_len.unwrap_or(values.target_max_len);
+            let target_tok = p.tokenize(&target_ing, target_max_len, "target")?;
+            let tcfg = train_preset(a.preset);
             let mut cfg =
                 OnlineTrainConfig::new(SelectorConfig::default_for(a.selector), tcfg.lora.clone());
             cfg.steps = a.steps;
@@ -830,7 +839,7 @@ fn run() -> Result<()> {
                 &a.task,
                 Some(&adapter),
                 Some(&tcfg.lora),
-                &eval_config(Preset::Cpu, &a.size),
+                &eval_config(a.preset, &a.size),
             )?;
             println!(
                 "{}",
@@ -839,7 +848,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::LessShard(a) => {
-            let shard = dsel_pipeline::less::ShardSel::parse(&a.shard)?;
+            let shard = a.shard;
             let values = a.preset.values();
             let mut p = g.pipeline()?;
             p.load_model(&a.model)?;
@@ -937,8 +946,25 @@ fn run_cache(g: &Global, c: CacheCommand) -> Result<()> {
         CacheCommand::Verify => {
             let reports = store.verify_all()?;
             let bad: Vec<_> = reports.iter().filter(|r| !r.ok()).collect();
-            for r in &bad {
-                println!("CORRUPT {r:?}");
+            for r in &reports {
+                if !r.ok() {
+                    let problems: Vec<String> = r.problems.iter().map(|p| p.to_string()).collect();
+                    println!(
+                        "CORRUPT {} {}: {} ({})",
+                        r.stage,
+                        r.key.short(),
+                        problems.join("; "),
+                        r.dir.display()
+                    );
+                }
+                if !r.extra_files.is_empty() {
+                    println!(
+                        "note    {} {}: not in the manifest (ignored): {}",
+                        r.stage,
+                        r.key.short(),
+                        r.extra_files.join(", ")
+                    );
+                }
             }
             println!(
                 "{} artifacts verified, {} corrupt",
@@ -958,8 +984,137 @@ fn run_cache(g: &Global, c: CacheCommand) -> Result<()> {
                 dry_run: !yes,
             };
             let r = store.gc(&opts)?;
-            println!("{r:#?}");
+            let verb = if r.dry_run { "would remove" } else { "removed" };
+            for item in &r.items {
+                println!(
+                    "{verb} {:<12} {:>12} bytes  {}",
+                    item.kind.name(),
+                    item.bytes,
+                    item.path.display()
+                );
+            }
+            for path in &r.skipped_locked {
+                println!("kept (a build holds its lock)  {}", path.display());
+            }
+            for path in &r.skipped_in_use {
+                println!("kept (in use by a live process)  {}", path.display());
+            }
+            for e in &r.errors {
+                println!("error: {e}");
+            }
+            println!(
+                "{} entries, {} bytes {}",
+                r.items.len(),
+                r.bytes,
+                if r.dry_run {
+                    "would be removed (dry run; --yes deletes)"
+                } else {
+                    "removed"
+                }
+            );
+            if !r.errors.is_empty() {
+                anyhow::bail!("{} entries could not be removed", r.errors.len());
+            }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, ValueEnum};
+
+    /// Every option enum's command-line name is its serde spelling (what
+    /// run configs and manifests hold), and for methods and selectors also
+    /// the library's `name()`/`FromStr`, so `--help`, parsing, run folders
+    /// and JSON agree.
+    #[test]
+    fn value_enum_names_are_the_library_names() {
+        fn check<T: ValueEnum + std::fmt::Debug>(name_of: fn(&T) -> String) {
+            for v in T::value_variants() {
+                let cli = v.to_possible_value().unwrap().get_name().to_string();
+                assert_eq!(cli, name_of(v), "{v:?}");
+            }
+        }
+        fn serde_name<T: serde::Serialize>(v: &T) -> String {
+            serde_json::to_value(v)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+        use dsel_pipeline::online::SelectorKind;
+        check::<Method>(|m| m.name().to_string());
+        check::<Method>(serde_name);
+        check::<Method>(|m| m.name().parse::<Method>().unwrap().name().to_string());
+        check::<SelectorKind>(|k| k.name().to_string());
+        check::<SelectorKind>(|k| k.name().parse::<SelectorKind>().unwrap().name().to_string());
+        check::<Preset>(serde_name);
+        check::<SelectionRule>(serde_name);
+        check::<methods::BinBy>(serde_name);
+        check::<Transform>(serde_name);
+        check::<dsel_tokenize::Truncation>(serde_name);
+        assert_eq!(Method::value_variants().len(), Method::ALL.len());
+        assert_eq!(
+            SelectorKind::value_variants().len(),
+            SelectorKind::ALL.len()
+        );
+    }
+
+    #[test]
+    fn lists_and_shards_are_parsed_by_clap_with_usage_errors() {
+        let c = Cli::try_parse_from([
+            "dsel",
+            "compare",
+            "--task",
+            "mmlu",
+            "--methods",
+            "tov-b,bm25",
+            "--selectors",
+            "greats,maxloss",
+        ])
+        .unwrap();
+        let Command::Compare(a) = c.command else {
+            panic!("compare")
+        };
+        assert_eq!(a.methods, [Method::TovB, Method::Bm25]);
+        use dsel_pipeline::online::SelectorKind;
+        assert_eq!(a.selectors, [SelectorKind::Greats, SelectorKind::MaxLoss]);
+        assert!(a.out.is_none());
+        let e = Cli::try_parse_from(["dsel", "compare", "--task", "mmlu", "--methods", "tov,nope"])
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("nope") && msg.contains("possible values: tov, tov-b"),
+            "{msg}"
+        );
+        let e = Cli::try_parse_from(["dsel", "less-shard", "--shard", "4/4"]).unwrap_err();
+        assert!(e.to_string().contains("4/4"), "{e}");
+        let c = Cli::try_parse_from(["dsel", "less-shard", "--shard", "1/4"]).unwrap();
+        let Command::LessShard(a) = c.command else {
+            panic!("less-shard")
+        };
+        assert_eq!(a.shard.to_string(), "1/4");
+    }
+
+    #[test]
+    fn help_lists_the_values_and_the_presets_actual_defaults() {
+        let mut cmd = Cli::command();
+        let help = cmd
+            .find_subcommand_mut("select")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        for needle in [
+            "max-uncertainty",
+            "keep-completion",
+            "score-only",
+            "96 (cpu preset), 4096 (paper preset)",
+            "5% (cpu preset), 8192 (paper preset)",
+            "500 with cpu, the whole pool with paper",
+        ] {
+            assert!(help.contains(needle), "{needle} missing from:\n{help}");
+        }
+    }
 }

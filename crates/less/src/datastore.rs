@@ -130,6 +130,13 @@ pub struct ShardSel {
     pub count: usize,
 }
 
+impl std::fmt::Display for ShardSel {
+    /// `i/N`, as parsed by [`ShardSel::parse`].
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
 impl ShardSel {
     /// Every shard (one worker).
     pub fn all() -> Self {

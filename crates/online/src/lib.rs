@@ -118,6 +118,7 @@ pub trait OnlineSelector {
 /// Selector names a user picks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum SelectorKind {
     /// Plain training on the first `k` candidates.
     None,
@@ -126,8 +127,10 @@ pub enum SelectorKind {
     /// Utility-Diversity Sampling.
     Uds,
     /// Top-k loss.
+    #[cfg_attr(feature = "clap", value(alias = "maxloss"))]
     MaxLoss,
     /// Top-k gradient norm.
+    #[cfg_attr(feature = "clap", value(alias = "gradnorm"))]
     GradNorm,
 }
 
@@ -141,14 +144,15 @@ impl SelectorKind {
         SelectorKind::GradNorm,
     ];
 
-    /// The name on the command line.
+    /// The name on the command line (spelled like the static methods';
+    /// `maxloss` and `gradnorm` are accepted as older spellings).
     pub fn name(self) -> &'static str {
         match self {
             SelectorKind::None => "none",
             SelectorKind::Greats => "greats",
             SelectorKind::Uds => "uds",
-            SelectorKind::MaxLoss => "maxloss",
-            SelectorKind::GradNorm => "gradnorm",
+            SelectorKind::MaxLoss => "max-loss",
+            SelectorKind::GradNorm => "grad-norm",
         }
     }
 }
@@ -156,6 +160,11 @@ impl SelectorKind {
 impl std::str::FromStr for SelectorKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        let s = match s {
+            "maxloss" => "max-loss",
+            "gradnorm" => "grad-norm",
+            s => s,
+        };
         SelectorKind::ALL
             .into_iter()
             .find(|k| k.name() == s)

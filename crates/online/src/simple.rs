@@ -45,12 +45,12 @@ pub struct MaxLoss;
 
 impl OnlineSelector for MaxLoss {
     fn name(&self) -> &str {
-        "maxloss"
+        "max-loss"
     }
 
     fn select(&mut self, m: &Model, c: &Batch, k: usize, _: &SelectContext) -> Result<Selection> {
         let t0 = Instant::now();
-        check_k("maxloss", k, c.batch_size())?;
+        check_k("max-loss", k, c.batch_size())?;
         let scores = losses_inference(m, c)?;
         Ok(Selection {
             chosen: top_k(&scores, k),
@@ -70,12 +70,12 @@ pub struct GradNorm;
 
 impl OnlineSelector for GradNorm {
     fn name(&self) -> &str {
-        "gradnorm"
+        "grad-norm"
     }
 
     fn select(&mut self, m: &Model, c: &Batch, k: usize, ctx: &SelectContext) -> Result<Selection> {
         let t0 = Instant::now();
-        check_k("gradnorm", k, c.batch_size())?;
+        check_k("grad-norm", k, c.batch_size())?;
         let f = GradFactors::compute(
             m,
             c,

@@ -209,18 +209,14 @@ fn step_losses_of(artifact: &dsel_store::Artifact) -> Vec<f64> {
         .collect()
 }
 
+/// The run folder of one row's selection: `<out>/selections/<row>` (and
+/// `-seed<seed>` after the first seed), inside the comparison's own folder.
 fn run_dir(out_dir: &Path, name: &str, seed_index: usize, seed: u64) -> PathBuf {
-    let task = out_dir
-        .file_name()
-        .and_then(|f| f.to_str())
-        .unwrap_or("run")
-        .trim_end_matches("-compare")
-        .to_string();
-    let base = out_dir.parent().unwrap_or(out_dir);
+    let dir = out_dir.join("selections");
     if seed_index == 0 {
-        base.join(format!("{task}-{name}"))
+        dir.join(name)
     } else {
-        base.join(format!("{task}-{name}-seed{seed}"))
+        dir.join(format!("{name}-seed{seed}"))
     }
 }
 
@@ -559,9 +555,16 @@ mod tests {
     }
 
     #[test]
-    fn seed_runs_get_their_own_folders() {
-        let out = Path::new("runs/mmlu-compare");
-        assert_eq!(run_dir(out, "tov", 0, 0), Path::new("runs/mmlu-tov"));
-        assert_eq!(run_dir(out, "tov", 1, 1), Path::new("runs/mmlu-tov-seed1"));
+    fn seed_runs_get_their_own_folders_inside_the_comparison() {
+        // Any folder name works: nothing is derived from it.
+        let out = Path::new("runs/tov-b");
+        assert_eq!(
+            run_dir(out, "tov-b", 0, 0),
+            Path::new("runs/tov-b/selections/tov-b")
+        );
+        assert_eq!(
+            run_dir(out, "tov-b", 1, 1),
+            Path::new("runs/tov-b/selections/tov-b-seed1")
+        );
     }
 }

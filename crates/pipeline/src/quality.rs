@@ -102,6 +102,11 @@ pub struct QualityRun {
     /// scores computed from the same sweeps ([`tov_variants`]), by name.
     #[serde(default)]
     pub variants: Vec<(String, f64)>,
+    /// ToV only: the lift over random of the same-size selection under other
+    /// selection rules applied to the raw and control-corrected scores
+    /// ([`rule_variants`]), by name.
+    #[serde(default)]
+    pub rule_lifts: Vec<(String, f64)>,
 }
 
 impl QualityRun {
@@ -177,6 +182,9 @@ pub fn prepare_task(
         lines.len()
     );
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // The mixture names the derived file by absolute path: a relative `--out`
+    // would otherwise be resolved under the data root.
+    let dir = &std::fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
     let target = dir.join(format!("{task}_heldout.tsv"));
     dsel_store::atomic_write(&target, (lines[..n_target].join("\n") + "\n").into_bytes())?;
     let rest = dir.join(format!("{task}_train.tsv"));
@@ -283,11 +291,23 @@ pub fn run(
                         .unwrap_or(0),
                     percentile: mean_percentile(&o.rows, &source),
                     wall_seconds: o.summary.wall_seconds,
-                    variants: if matches!(m.method, Method::Tov | Method::TovB) {
-                        tov_variants(p, &o.summary.stages, &o.rows, &source)?
-                    } else {
-                        Vec::new()
-                    },
+                    variants: Vec::new(),
+                    rule_lifts: Vec::new(),
+                };
+                let run = if matches!(m.method, Method::Tov | Method::TovB) {
+                    let v = tov_variants(p, &o.summary.stages, &o.rows, &source)?;
+                    let rules = v.rules(&o.rows, &req, run.selected, &source);
+                    let pool_share = run.pool_share().max(1e-12);
+                    QualityRun {
+                        variants: v.percentiles,
+                        rule_lifts: rules
+                            .into_iter()
+                            .map(|(n, share)| (n, share / pool_share))
+                            .collect(),
+                        ..run
+                    }
+                } else {
+                    run
                 };
                 tracing::info!(
                     "quality: {task} {} seed {seed}: share {:.3} (pool {:.3}, lift {:.2}), percentile {}",
@@ -321,7 +341,7 @@ pub fn tov_variants(
     stages: &[dsel_select::StageRecord],
     rows: &[ScoreRow],
     source: &str,
-) -> Result<Vec<(String, f64)>> {
+) -> Result<TovVariants> {
     let dir = |stage: &str, label: &str| -> Option<PathBuf> {
         stages
             .iter()
@@ -333,7 +353,7 @@ pub fn tov_variants(
         dir("sweep", "base round 1"),
         dir("sweep", "val round 1"),
     ) else {
-        return Ok(Vec::new());
+        return Ok(TovVariants::default());
     };
     let set = dsel_tokenize::TokenizedSet::open(&tok)?;
     let lb = dsel_sweep::SweepResult::open(&bas)?;
@@ -394,21 +414,99 @@ pub fn tov_variants(
             scores[k][i] = f(&d, &c);
         }
     }
-    Ok(variants
+    let percentiles = variants
         .iter()
-        .zip(scores)
+        .zip(&scores)
         .filter_map(|((name, _), sc)| {
             let rs: Vec<ScoreRow> = rows
                 .iter()
                 .zip(sc)
-                .map(|(r, s)| ScoreRow {
+                .map(|(r, &s)| ScoreRow {
                     score: s,
                     ..r.clone()
                 })
                 .collect();
             mean_percentile(&rs, source).map(|p| (name.to_string(), p))
         })
-        .collect())
+        .collect();
+    let keep = ["mean", "mean − ctl"];
+    Ok(TovVariants {
+        percentiles,
+        scores: variants
+            .iter()
+            .zip(scores)
+            .filter(|((name, _), _)| keep.contains(name))
+            .map(|((name, _), sc)| (name.to_string(), sc))
+            .collect(),
+        completion_lengths: set.index.iter().map(|r| r.n_labels).collect(),
+    })
+}
+
+/// ToV's score variants of one run ([`tov_variants`]).
+#[derive(Debug, Clone, Default)]
+pub struct TovVariants {
+    /// Mean percentile of the held-out task's candidates, per score variant.
+    pub percentiles: Vec<(String, f64)>,
+    /// The raw (`mean`) and control-corrected (`mean − ctl`) scores per
+    /// pool row (NaN in U), for [`TovVariants::rules`].
+    pub scores: Vec<(String, Vec<f64>)>,
+    /// Label tokens per pool row (the completion-length bins).
+    pub completion_lengths: Vec<u32>,
+}
+
+/// The selection rules [`TovVariants::rules`] compares: name, Score+Random
+/// (else score-only), number of length bins (`None` = the run's `--bins`).
+pub const RULE_VARIANTS: [(&str, bool, Option<usize>); 4] = [
+    ("score+random, bins", true, None),
+    ("score only, bins", false, None),
+    ("score+random, no bins", true, Some(1)),
+    ("score only, no bins", false, Some(1)),
+];
+
+impl TovVariants {
+    /// The share of a `n_select` selection from `source` under each rule of
+    /// [`RULE_VARIANTS`] applied to each kept score, named `score: rule`.
+    /// Bins and the random half follow `req` (`--bin-by`, `--bins`, the
+    /// seed), so the run's own rule on its own score reproduces its
+    /// selection.
+    pub fn rules(
+        &self,
+        rows: &[ScoreRow],
+        req: &SelectRequest,
+        n_select: usize,
+        source: &str,
+    ) -> Vec<(String, f64)> {
+        let sequence: Vec<u32> = rows.iter().map(|r| r.length).collect();
+        let lengths = match req.bin_by {
+            methods::BinBy::Completion => &self.completion_lengths,
+            methods::BinBy::Sequence => &sequence,
+        };
+        let mut out = Vec::new();
+        for (name, scores) in &self.scores {
+            let u: Vec<usize> = (0..rows.len())
+                .filter(|&i| rows[i].score.is_nan())
+                .collect();
+            let scored: Vec<usize> = (0..rows.len())
+                .filter(|&i| !rows[i].score.is_nan())
+                .collect();
+            for (rule, random_half, bins) in RULE_VARIANTS {
+                let n_bins = bins.unwrap_or(req.n_bins);
+                let order = if random_half {
+                    dsel_select::score_plus_random(
+                        scores, lengths, &scored, &u, n_select, n_bins, req.seed,
+                    )
+                } else {
+                    dsel_select::binned_top(scores, lengths, &scored, n_select, n_bins)
+                };
+                let hits = order.iter().filter(|&&i| rows[i].source == source).count();
+                out.push((
+                    format!("{name}: {rule}"),
+                    hits as f64 / order.len().max(1) as f64,
+                ));
+            }
+        }
+        out
+    }
 }
 
 /// The per-(task, method) aggregate over seeds.
@@ -558,21 +656,38 @@ fn write_outputs(
     Ok(())
 }
 
-/// ToV's score variants ([`tov_variants`]): the mean percentile of the
-/// held-out task's candidates per (task, ToV row), mean ± std over seeds.
+/// ToV's diagnosis: the mean percentile of the held-out task's candidates
+/// under each score variant ([`tov_variants`]), then the lift of the
+/// selection under each selection rule ([`TovVariants::rules`]), per (task,
+/// ToV row), mean ± std over seeds.
 fn diagnosis_md(runs: &[QualityRun]) -> String {
+    let mut md = String::from(
+        "ToV score variants from the same sweeps: mean percentile rank of the held-out task's \
+         candidates (0 = ranked first, 0.5 = random), mean ± std over seeds.\n\n",
+    );
+    md.push_str(&variant_table(runs, |r| &r.variants));
+    md.push_str(
+        "\nSelection rules on the raw (`mean`) and control-corrected (`mean − ctl`) scores: \
+         lift of a selection of the run's size (share of the held-out task ÷ its pool share; \
+         1 = random), mean ± std over seeds. `bins` = the run's `--bins` equal-count length \
+         bins (`--bin-by`); Score+Random takes half the budget at random from U.\n\n",
+    );
+    md.push_str(&variant_table(runs, |r| &r.rule_lifts));
+    md
+}
+
+/// One markdown table: a row per (task, method) with variants, a column per
+/// variant name, mean ± std over seeds.
+fn variant_table(runs: &[QualityRun], get: fn(&QualityRun) -> &[(String, f64)]) -> String {
     let mut names: Vec<String> = Vec::new();
     for r in runs {
-        for (n, _) in &r.variants {
+        for (n, _) in get(r) {
             if !names.contains(n) {
                 names.push(n.clone());
             }
         }
     }
-    let mut md = String::from(
-        "ToV score variants from the same sweeps: mean percentile rank of the held-out task's \
-         candidates (0 = ranked first, 0.5 = random), mean ± std over seeds.\n\n| task | method |",
-    );
+    let mut md = String::from("| task | method |");
     for n in &names {
         let _ = write!(md, " {n} |");
     }
@@ -580,7 +695,7 @@ fn diagnosis_md(runs: &[QualityRun]) -> String {
     md.push_str(&"---|".repeat(names.len()));
     md.push('\n');
     let mut keys: Vec<(String, String)> = Vec::new();
-    for r in runs.iter().filter(|r| !r.variants.is_empty()) {
+    for r in runs.iter().filter(|r| !get(r).is_empty()) {
         let k = (r.task.clone(), r.method.clone());
         if !keys.contains(&k) {
             keys.push(k);
@@ -592,7 +707,7 @@ fn diagnosis_md(runs: &[QualityRun]) -> String {
             let v: Vec<f64> = runs
                 .iter()
                 .filter(|r| r.task == t && r.method == m)
-                .filter_map(|r| r.variants.iter().find(|(k, _)| k == n).map(|x| x.1))
+                .filter_map(|r| get(r).iter().find(|(k, _)| k == n).map(|x| x.1))
                 .collect();
             if v.is_empty() {
                 md.push_str(" — |");

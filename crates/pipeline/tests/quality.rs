@@ -95,5 +95,44 @@ fn quick_quality_run_counts_the_held_out_source_and_bm25_finds_it() {
         (corrected.1 - ctl.percentile.unwrap()).abs() < 1e-9,
         "the control run's score is mean − ctl: {ctl:?}"
     );
-    assert!(out.join("diagnosis.md").exists());
+    // The run's own rule on its own score reproduces its selection's lift.
+    for (run, score) in [(tov, "mean"), (ctl, "mean − ctl")] {
+        let own = run
+            .rule_lifts
+            .iter()
+            .find(|(n, _)| n == &format!("{score}: score+random, bins"))
+            .unwrap();
+        assert!((own.1 - run.lift()).abs() < 1e-9, "{run:?}");
+        assert_eq!(run.rule_lifts.len(), if score == "mean" { 4 } else { 8 });
+    }
+    let diag = std::fs::read_to_string(out.join("diagnosis.md")).unwrap();
+    assert!(diag.contains("mean − ctl: score only, no bins"), "{diag}");
+}
+
+/// A relative output folder (what `make quality` passes) still gives a
+/// mixture whose derived files resolve: every entry path is absolute.
+#[test]
+fn a_relative_output_folder_gives_a_mixture_of_absolute_paths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    let up = "../".repeat(cwd.components().count() - 1);
+    let relative = std::path::PathBuf::from(format!(
+        "{up}{}",
+        tmp.path().strip_prefix("/").unwrap().display()
+    ));
+    assert!(relative.is_relative());
+    let (target, mixture, source) =
+        quality::prepare_task(&data_root(), "creak", 8, &relative.join("creak")).unwrap();
+    assert!(target.is_absolute() && target.exists(), "{target:?}");
+    assert_eq!(source, "flan_v2_cot/creak");
+    let toml = std::fs::read_to_string(&mixture).unwrap();
+    let paths: Vec<&str> = toml
+        .lines()
+        .filter_map(|l| l.strip_prefix("path = "))
+        .collect();
+    assert!(paths.len() > 3, "{toml}");
+    for p in paths {
+        let p = std::path::Path::new(p.trim_matches('"'));
+        assert!(p.is_absolute() && p.exists(), "{}", p.display());
+    }
 }

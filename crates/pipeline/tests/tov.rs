@@ -291,7 +291,7 @@ fn compare_trains_evaluates_and_reports_every_row_over_seeds() {
             "random",
             "bm25",
             "online:none",
-            "online:maxloss",
+            "online:max-loss",
             "full-pool"
         ]
     );
@@ -326,9 +326,17 @@ fn compare_trains_evaluates_and_reports_every_row_over_seeds() {
     for f in ["table.md", "table.csv", "compare.json", "report.html"] {
         assert!(out.join(f).exists(), "{f}");
     }
+    // Every row's selections live inside the comparison's own folder.
+    for run in ["random", "random-seed2", "bm25", "bm25-seed2"] {
+        let sel = out.join("selections").join(run).join("selection.jsonl");
+        assert!(sel.exists(), "{}", sel.display());
+    }
     let md = std::fs::read_to_string(out.join("table.md")).unwrap();
     assert!(md.contains(" ± "), "mean ± std with two seeds:\n{md}");
-    assert!(tmp.path().join("toy-random-seed2/selection.jsonl").exists());
+    assert!(
+        !tmp.path().join("toy-random-seed2").exists(),
+        "nothing is written beside the comparison's folder"
+    );
 }
 
 #[test]

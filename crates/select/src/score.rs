@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 /// The per-token transform `F` of ToV (ALGORITHMS.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Transform {
     /// `F(Δ) = Δ`: the score is the drop of the mean loss.
     #[default]
@@ -25,20 +26,6 @@ impl Transform {
             Transform::Identity => d,
             Transform::Abs => d.abs(),
             Transform::Relu => d.max(0.0),
-        }
-    }
-}
-
-impl std::str::FromStr for Transform {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "identity" => Ok(Self::Identity),
-            "abs" => Ok(Self::Abs),
-            "relu" => Ok(Self::Relu),
-            other => Err(format!(
-                "unknown transform {other:?} (expected identity, abs or relu)"
-            )),
         }
     }
 }

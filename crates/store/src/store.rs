@@ -351,6 +351,21 @@ pub enum GcKind {
     Lease,
 }
 
+impl GcKind {
+    /// A short name for listings (`artifact`, `tmp`, `partial`, `lock`,
+    /// `used-marker`, `lease`).
+    pub fn name(self) -> &'static str {
+        match self {
+            GcKind::Artifact => "artifact",
+            GcKind::Tmp => "tmp",
+            GcKind::Partial => "partial",
+            GcKind::Lock => "lock",
+            GcKind::UsedMarker => "used-marker",
+            GcKind::Lease => "lease",
+        }
+    }
+}
+
 /// One thing gc removed (or would remove).
 #[derive(Debug, Clone)]
 pub struct GcItem {

@@ -30,6 +30,7 @@ pub use format::{ChatFormat, FormatError, Formatter, Segment};
 /// How a sequence longer than `max_len` is cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Truncation {
     /// Keep the first `max_len` tokens (LESS, open-instruct). An example
     /// whose prompt fills the window has no label left and is skipped.
@@ -42,19 +43,6 @@ pub enum Truncation {
     /// truncation skipped 16% of the default pool).
     #[default]
     KeepCompletion,
-}
-
-impl std::str::FromStr for Truncation {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "right" => Ok(Truncation::Right),
-            "keep-completion" => Ok(Truncation::KeepCompletion),
-            _ => Err(format!(
-                "unknown truncation {s:?} (expected right or keep-completion)"
-            )),
-        }
-    }
 }
 
 /// Options of the tokenization stage (part of its artifact key).
