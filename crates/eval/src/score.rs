@@ -78,6 +78,8 @@ pub fn score_choices(
         .collect();
     if single {
         let lengths: Vec<usize> = items.iter().map(|it| it.prompt.len()).collect();
+        let mut progress =
+            dsel_progress::Progress::new("eval: choice scores", items.len() as u64, "questions");
         for rows in plan_batches(&lengths, batch_tokens) {
             let masks: Vec<Vec<u8>> = rows.iter().map(|&r| vec![0u8; lengths[r]]).collect();
             let seqs: Vec<(&[u32], &[u8])> = rows
@@ -95,7 +97,9 @@ pub fn score_choices(
                 let ids: Vec<u32> = items[r].candidates.iter().map(|c| c[0]).collect();
                 out[r] = log_softmax_at(&last, &ids)?;
             }
+            progress.inc(rows.len() as u64);
         }
+        progress.finish();
     } else {
         let mut rows_seq: Vec<(usize, usize, Vec<u32>, Vec<u8>)> = Vec::new();
         for (i, it) in items.iter().enumerate() {
@@ -108,6 +112,8 @@ pub fn score_choices(
             }
         }
         let lengths: Vec<usize> = rows_seq.iter().map(|r| r.2.len()).collect();
+        let mut progress =
+            dsel_progress::Progress::new("eval: choice scores", rows_seq.len() as u64, "choices");
         for rows in plan_batches(&lengths, batch_tokens) {
             let seqs: Vec<(&[u32], &[u8])> = rows
                 .iter()
@@ -127,7 +133,9 @@ pub fn score_choices(
                     .map(|(&v, _)| v)
                     .sum();
             }
+            progress.inc(rows.len() as u64);
         }
+        progress.finish();
     }
     Ok(out)
 }
@@ -143,6 +151,7 @@ pub fn completion_losses(
 ) -> Result<Vec<f64>> {
     let lengths: Vec<usize> = seqs.iter().map(|s| s.0.len()).collect();
     let mut out = vec![0.0; seqs.len()];
+    let mut progress = dsel_progress::Progress::new("eval: losses", seqs.len() as u64, "ex");
     for rows in plan_batches(&lengths, batch_tokens) {
         let refs: Vec<(&[u32], &[u8])> = rows
             .iter()
@@ -164,7 +173,9 @@ pub fn completion_losses(
             }
             out[r] = if den > 0.0 { -num / den } else { 0.0 };
         }
+        progress.inc(rows.len() as u64);
     }
+    progress.finish();
     Ok(out)
 }
 

@@ -340,7 +340,9 @@ pub fn evaluate_bbh(
         chunk: opts.chunk,
     };
     let mut out = Vec::with_capacity(examples.len());
+    let mut progress = dsel_progress::Progress::new("eval: bbh", examples.len() as u64, "ex");
     for (i, ex) in examples.iter().enumerate() {
+        progress.set_position(i as u64);
         last_user(ex)?;
         let target = ex
             .references
@@ -363,6 +365,7 @@ pub fn evaluate_bbh(
         );
         out.push(r);
     }
+    progress.finish();
     Ok(out)
 }
 
@@ -403,7 +406,9 @@ pub fn evaluate_tydiqa(
         chunk: opts.chunk,
     };
     let mut out = Vec::with_capacity(examples.len());
-    for ex in examples {
+    let mut progress = dsel_progress::Progress::new("eval: tydiqa", examples.len() as u64, "ex");
+    for (i, ex) in examples.iter().enumerate() {
+        progress.set_position(i as u64);
         last_user(ex)?;
         if ex.references.is_empty() {
             bail!("example {}: no reference answer", ex.id);
@@ -431,6 +436,7 @@ pub fn evaluate_tydiqa(
         r.new_tokens = Some(n);
         out.push(r);
     }
+    progress.finish();
     Ok(out)
 }
 

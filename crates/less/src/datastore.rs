@@ -22,7 +22,6 @@ use dsel_model::{Batch, Model};
 use dsel_store::{NpyArray, NpyWriter};
 use dsel_tokenize::TokenizedSet;
 use half::f16;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::adam::{load_moments, precondition, Moments};
@@ -393,14 +392,17 @@ pub fn build(
         units_total: n_shards * ckpts.len(),
         ..Default::default()
     };
-    let bar = ProgressBar::new((n * ckpts.len()) as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} ex×ckpt ({per_sec}, eta {eta})",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    // This worker's share: its shards, once per checkpoint.
+    let owned: u64 = (0..n_shards)
+        .filter(|&s| opts.shard.owns(s))
+        .map(|s| range_of(s).len() as u64)
+        .sum();
+    let mut progress = dsel_progress::Progress::new(
+        format!("LESS {}", opts.label),
+        owned * ckpts.len() as u64,
+        "ex×ckpt",
     );
-    bar.set_message(format!("LESS {}", opts.label));
+    let mut progress_pos = 0u64;
     let mut computed_examples = 0usize;
     // Per checkpoint (in order, as far as this call got), which units are finished.
     let mut present: Vec<Vec<bool>> = Vec::with_capacity(ckpts.len());
@@ -418,12 +420,17 @@ pub fn build(
             .filter(|&s| opts.shard.owns(s) && !present[ci][s])
             .collect();
         report.units_resumed += present[ci].iter().filter(|&&p| p).count();
-        bar.inc(
-            (0..n_shards)
-                .filter(|s| !todo.contains(s) && opts.shard.owns(*s))
-                .map(|s| range_of(s).len() as u64)
-                .sum(),
-        );
+        progress_pos += (0..n_shards)
+            .filter(|s| !todo.contains(s) && opts.shard.owns(*s))
+            .map(|s| range_of(s).len() as u64)
+            .sum::<u64>();
+        if computed_examples == 0 {
+            // Found done before any work here: not part of the rate.
+            progress.resume_at(progress_pos);
+        } else {
+            progress.set_position(progress_pos);
+        }
+        progress.set_message(format!("epoch {}", ck.epoch));
         if todo.is_empty() {
             continue;
         }
@@ -469,10 +476,11 @@ pub fn build(
             present[ci][s] = true;
             report.units_computed += 1;
             computed_examples += range.len();
-            bar.inc(range.len() as u64);
+            progress_pos += range.len() as u64;
+            progress.set_position(progress_pos);
         }
     }
-    bar.finish_and_clear();
+    progress.finish();
     if report.params == 0 {
         // Every unit was resumed: read P from the first adapter's layout.
         model.load_lora(&ckpts[0].adapter)?;

@@ -23,7 +23,6 @@ use anyhow::{Context, Result};
 use dsel_model::{Batch, Model};
 use dsel_store::{NpyArray, NpyWriter};
 use dsel_tokenize::TokenizedSet;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 /// Bump when the output format or the computation changes.
@@ -145,14 +144,8 @@ pub fn run(
     let offsets = set.offsets();
     let n_shards = n.div_ceil(cfg.shard_examples);
     let total_tokens = offsets[n];
-    let bar = ProgressBar::new(total_tokens);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} tok ({per_sec}, eta {eta})",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_message(format!("sweep {label}"));
+    let mut progress = dsel_progress::Progress::new(format!("sweep {label}"), total_tokens, "tok");
+    let mut done_tokens = 0u64;
     let mut report = SweepReport {
         examples: n,
         tokens: total_tokens,
@@ -170,6 +163,12 @@ pub fn run(
             && read_shard(&loss_path, range.len(), label).is_some();
         if done {
             report.shards_resumed += 1;
+            if computed_tokens == 0 {
+                // Found done before any work here: not part of the rate.
+                progress.resume_at(done_tokens + shard_tokens as u64);
+            } else {
+                progress.inc(shard_tokens as u64);
+            }
         } else {
             let (lp, loss) = sweep_shard(model, set, range.clone(), cfg).with_context(|| {
                 format!(
@@ -182,10 +181,11 @@ pub fn run(
             dsel_store::write_npy_sealed(&loss_path, &[loss.len()], &loss)?;
             computed_tokens += shard_tokens as u64;
             tracing::debug!("sweep {label}: shard {}/{} done", s + 1, n_shards);
+            progress.inc(shard_tokens as u64);
         }
-        bar.inc(shard_tokens as u64);
+        done_tokens += shard_tokens as u64;
     }
-    bar.finish_and_clear();
+    progress.finish();
     // Concatenate shards into the final arrays, streaming (memory stays at one shard).
     let mut logp_w = NpyWriter::<f32>::create(out.join("logp.npy"), &[])?;
     let mut loss_w = NpyWriter::<f32>::create(out.join("loss.npy"), &[])?;

@@ -52,13 +52,11 @@
 //! uninterrupted run's. A run that already finished returns its report without
 //! training. One `ckpt_dir` must not be used by two runs at the same time.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::adamw::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator};
@@ -640,65 +638,6 @@ fn restore_vars(path: &Path, vars: &[(String, Var)]) -> Result<()> {
     Ok(())
 }
 
-/// Progress display: an indicatif bar on a terminal, periodic `tracing` lines otherwise.
-struct Progress {
-    bar: Option<ProgressBar>,
-    last_log: Instant,
-    start: Instant,
-    examples: u64,
-}
-
-impl Progress {
-    fn new(total_steps: u64, start_step: u64) -> Self {
-        let bar = if std::io::stderr().is_terminal() {
-            let bar =
-                ProgressBar::with_draw_target(Some(total_steps), ProgressDrawTarget::stderr());
-            if let Ok(style) = ProgressStyle::with_template(
-                "{spinner} train [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}",
-            ) {
-                bar.set_style(style.progress_chars("=> "));
-            }
-            bar.set_position(start_step);
-            Some(bar)
-        } else {
-            None
-        };
-        Progress {
-            bar,
-            last_log: Instant::now(),
-            start: Instant::now(),
-            examples: 0,
-        }
-    }
-
-    fn step(&mut self, step: u64, total: u64, epoch: usize, loss: f64, lr: f64, examples: u64) {
-        self.examples += examples;
-        let rate = self.examples as f64 / self.start.elapsed().as_secs_f64().max(1e-9);
-        match &self.bar {
-            Some(bar) => {
-                bar.set_position(step);
-                bar.set_message(format!(
-                    "epoch {epoch}  loss {loss:.4}  lr {lr:.2e}  {rate:.1} ex/s"
-                ));
-            }
-            None => {
-                if self.last_log.elapsed().as_secs_f64() >= 30.0 || step == total {
-                    self.last_log = Instant::now();
-                    tracing::info!(
-                        "train step {step}/{total} epoch {epoch} loss {loss:.4} lr {lr:.3e} {rate:.1} examples/s"
-                    );
-                }
-            }
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
-    }
-}
-
 fn scalar_loss(loss: &Tensor) -> Result<f64> {
     if loss.elem_count() != 1 {
         bail!(
@@ -810,7 +749,9 @@ pub fn train(
         }
     }
 
-    let mut progress = Progress::new(plan.total_steps, pos.step);
+    let mut progress = dsel_progress::Progress::new("train", plan.total_steps, "steps");
+    progress.resume_at(pos.step);
+    let (progress_start, mut progress_examples) = (Instant::now(), 0u64);
     let mut acc = GradAccumulator::new(&vars);
 
     while pos.epoch < cfg.epochs {
@@ -897,14 +838,12 @@ pub fn train(
             pos.batch_in_epoch = window_end;
 
             hooks.on_step(taken, lr, step_loss)?;
-            progress.step(
-                pos.step,
-                plan.total_steps,
-                epoch,
-                step_loss,
-                lr,
-                n_step as u64,
-            );
+            progress_examples += n_step as u64;
+            progress.set_position(pos.step);
+            progress.set_message(format!(
+                "epoch {epoch} loss {step_loss:.4} lr {lr:.2e} {:.1} ex/s",
+                progress_examples as f64 / progress_start.elapsed().as_secs_f64().max(1e-9)
+            ));
 
             let epoch_done = pos.batch_in_epoch == micro.len();
             if let Some(every) = cfg.checkpoint_every_steps {
