@@ -2,7 +2,6 @@
 //! stories260K tokenizer and real MMLU / BBH / TyDiQA test prompts.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use dsel_eval::*;
@@ -12,12 +11,7 @@ use dsel_model::{Batch, LlamaConfig, Mode, Model, RawModel};
 use dsel_tokenize::ChatFormat;
 use tokenizers::Tokenizer;
 
-fn data_root() -> PathBuf {
-    match std::env::var("DSEL_DATA_ROOT") {
-        Ok(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data")),
-    }
-}
+use dsel_testkit::data_root;
 
 fn tokenizer() -> Tokenizer {
     Tokenizer::from_file(data_root().join("models/stories260K/hf/tokenizer.json")).unwrap()

@@ -3,7 +3,7 @@
 //! shard splits and interruptions give identical bytes, matching equals a
 //! brute-force computation.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::Device;
 use dsel_less::{
@@ -14,13 +14,7 @@ use dsel_model::{Batch, LoraConfig, Mode, Model};
 use dsel_train::{AdamW, AdamWConfig};
 use half::f16;
 
-fn data_root() -> PathBuf {
-    std::env::var_os("DSEL_DATA_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data"))
-        })
-}
+use dsel_testkit::data_root;
 
 fn base_model() -> Model {
     let raw = dsel_model::load(&data_root().join("models/stories260K/hf"), &Device::Cpu).unwrap();

@@ -12,13 +12,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use dsel_model::gguf;
 
-fn data_root() -> PathBuf {
-    std::env::var_os("DSEL_DATA_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data"))
-        })
-}
+use dsel_testkit::data_root;
 
 fn stories_dir() -> PathBuf {
     data_root().join("models/stories260K")

@@ -498,12 +498,7 @@ mod tests {
     use candle_core::Device;
     use dsel_model::{Batch, Mode};
 
-    fn data_root() -> PathBuf {
-        match std::env::var("DSEL_DATA_ROOT") {
-            Ok(p) if !p.is_empty() => PathBuf::from(p),
-            _ => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data")),
-        }
-    }
+    use dsel_testkit::data_root;
 
     fn line(user: &str, assistant: &str) -> String {
         serde_json::to_string(&json!({"messages": [

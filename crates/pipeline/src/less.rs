@@ -532,19 +532,10 @@ mod tests {
         assert_eq!(warmup_indices(3, 1.0, 0), vec![0, 1, 2]);
     }
 
-    fn data_root() -> std::path::PathBuf {
-        std::env::var_os("DSEL_DATA_ROOT")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| {
-                std::path::PathBuf::from(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/../../../shared/data"
-                ))
-            })
-    }
+    use dsel_testkit::data_root;
 
     fn fixture(name: &str) -> std::path::PathBuf {
-        std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures")).join(name)
+        dsel_testkit::fixtures("pipeline").join(name)
     }
 
     fn toy_config() -> LessConfig {

@@ -12,16 +12,10 @@ use dsel_select::{Budget, RunSummary, Transform};
 use dsel_sweep::SweepConfig;
 use dsel_valtune::ValtuneConfig;
 
-fn data_root() -> PathBuf {
-    std::env::var_os("DSEL_DATA_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data"))
-        })
-}
+use dsel_testkit::data_root;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures")).join(name)
+    dsel_testkit::fixtures("pipeline").join(name)
 }
 
 /// A mixture file holding just the toy pool.

@@ -1,21 +1,13 @@
 //! A sweep killed after some shards resumes to byte-identical outputs, and
 //! its numbers equal the model's own log-probabilities.
 
-use std::path::PathBuf;
-
 use candle_core::Device;
 use dsel_ingest::{Example, Message};
 use dsel_model::{Batch, Mode, Model};
 use dsel_sweep::{SweepConfig, SweepResult};
 use dsel_tokenize::{tokenize_to_dir, ChatFormat, Formatter, TokenizeConfig, TokenizedSet};
 
-fn data_root() -> PathBuf {
-    std::env::var_os("DSEL_DATA_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data"))
-        })
-}
+use dsel_testkit::data_root;
 
 /// stories260K, a 23-example tokenized set in `tmp/set` and a 5-example shard config.
 fn setup(tmp: &std::path::Path) -> (Model, TokenizedSet, SweepConfig) {

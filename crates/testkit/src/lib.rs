@@ -20,6 +20,12 @@ pub fn data_root() -> PathBuf {
         })
 }
 
+/// The project's own small test fixtures (`data/fixtures/` at the top of
+/// the workspace), e.g. `fixtures("pipeline")`.
+pub fn fixtures(group: &str) -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/fixtures")).join(group)
+}
+
 /// The Hugging Face folder of stories260K.
 pub fn stories_dir() -> PathBuf {
     data_root().join("models/stories260K/hf")

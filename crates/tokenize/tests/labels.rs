@@ -11,13 +11,7 @@ use dsel_tokenize::{
 };
 use tokenizers::Tokenizer;
 
-fn data_root() -> PathBuf {
-    std::env::var_os("DSEL_DATA_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data"))
-        })
-}
+use dsel_testkit::data_root;
 
 fn ex(id: &str, turns: &[(&str, &str)]) -> Example {
     Example {

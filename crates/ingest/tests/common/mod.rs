@@ -3,15 +3,9 @@
 
 use std::path::PathBuf;
 
-/// The shared data root: `$DSEL_DATA_ROOT` or the checkout-relative default.
-pub fn data_root() -> PathBuf {
-    match std::env::var_os("DSEL_DATA_ROOT") {
-        Some(v) if !v.is_empty() => PathBuf::from(v),
-        _ => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data")),
-    }
-}
+pub use dsel_testkit::data_root;
 
 /// The test fixtures directory.
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
+    dsel_testkit::fixtures("ingest")
 }

@@ -8,13 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use dsel_model::rng::{hash_words, unit_f64};
 use dsel_model::{Batch, LlamaConfig, LoraConfig, Model, RawModel};
 
-/// Root of the shared real data (`DSEL_DATA_ROOT` overrides).
-pub fn data_root() -> PathBuf {
-    match std::env::var("DSEL_DATA_ROOT") {
-        Ok(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data")),
-    }
-}
+pub use dsel_testkit::data_root;
 
 /// The stories260K Hugging Face folder.
 pub fn stories_dir() -> PathBuf {

@@ -1,0 +1,250 @@
+//! End-to-end runs of the `dsel` binary as a user runs it: `select` on a
+//! slice of the real `tiny` pool with the tiny real model (stories260K), the
+//! cache commands on what it built (a corrupted artifact is reported on one
+//! line, fails `verify`, and is rebuilt to the same bytes), `compare` into
+//! its own folder, and usage errors from clap.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use dsel_testkit::{data_root, fixtures, stories_dir};
+
+/// `dsel <args>` with the cache in `cache` and the real data root.
+fn dsel(cache: &Path, args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_dsel"))
+        .arg("--cache")
+        .arg(cache)
+        .arg("--data-root")
+        .arg(data_root())
+        .args(args)
+        .env("DSEL_LOG", "warn")
+        .output()
+        .expect("running dsel");
+    out
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Succeeds, or panics with the command's output.
+fn ok(cache: &Path, args: &[&str]) -> String {
+    let o = dsel(cache, args);
+    assert!(
+        o.status.success(),
+        "dsel {args:?} failed ({}):\n{}\n{}",
+        o.status,
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    text(&o.stdout)
+}
+
+/// The ids and scores of a selection file, one per line (for messages).
+fn ids(selection: &[u8]) -> String {
+    text(selection)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!("{} {}", v["id"], v["score"])
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// The first file named `name` under `dir`.
+fn find(dir: &Path, name: &str) -> Option<PathBuf> {
+    for e in std::fs::read_dir(dir).ok()? {
+        let p = e.ok()?.path();
+        if p.is_dir() {
+            if let Some(f) = find(&p, name) {
+                return Some(f);
+            }
+        } else if p.file_name().is_some_and(|n| n == name) {
+            return Some(p);
+        }
+    }
+    None
+}
+
+#[test]
+fn select_caches_verifies_detects_corruption_and_rebuilds_the_same_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cache, out) = (tmp.path().join("cache"), tmp.path().join("run"));
+    let target = fixtures("pipeline").join("toy_target.jsonl");
+    let model = stories_dir();
+    let args = [
+        "select",
+        "--task",
+        &s(&target),
+        "--method",
+        "bm25",
+        "--pool",
+        "tiny",
+        "--pool-limit",
+        "80",
+        "--model",
+        &s(&model),
+        "--budget",
+        "5",
+        "--out",
+        &s(&out),
+    ];
+    let first = ok(&cache, &args);
+    assert!(
+        first.contains("selected 5 of 80 pool examples with bm25"),
+        "{first}"
+    );
+    let selection = std::fs::read(out.join("selection.jsonl")).unwrap();
+    assert_eq!(text(&selection).lines().count(), 5);
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["budget"], "5", "a plain value: {summary}");
+    assert_eq!(summary["method"], "bm25");
+
+    // Same command again: everything comes from the cache.
+    let second = ok(&cache, &args);
+    assert!(second.contains("stages: 0 run"), "{second}");
+
+    let verify = ok(&cache, &["cache", "verify"]);
+    assert!(verify.trim_end().ends_with(", 0 corrupt"), "{verify}");
+    let ls = ok(&cache, &["cache", "ls"]);
+    assert!(ls.contains("tokenize") && ls.contains("artifacts,"), "{ls}");
+
+    // One byte of the pool's tokens flipped, size unchanged.
+    let tokens = find(&cache.join("tokenize"), "tokens.npy").unwrap();
+    let mut bytes = std::fs::read(&tokens).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&tokens, &bytes).unwrap();
+    let o = dsel(&cache, &["cache", "verify"]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "verify fails on a corrupt artifact"
+    );
+    let stdout = text(&o.stdout);
+    let corrupt: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("CORRUPT "))
+        .collect();
+    assert_eq!(corrupt.len(), 1, "{stdout}");
+    assert!(
+        corrupt[0].starts_with("CORRUPT tokenize ") && corrupt[0].contains("tokens.npy has blake3"),
+        "one readable line: {}",
+        corrupt[0]
+    );
+    assert!(
+        text(&o.stderr).contains("1 corrupt artifacts"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    // The next run detects it, rebuilds it, and selects the same bytes.
+    let third = ok(&cache, &args);
+    assert!(!third.contains("stages: 0 run"), "{third}");
+    let rebuilt = std::fs::read(out.join("selection.jsonl")).unwrap();
+    assert!(
+        rebuilt == selection,
+        "the rebuilt run selects other bytes:\n{}\nvs\n{}\n{third}",
+        ids(&selection),
+        ids(&rebuilt)
+    );
+    let verify = ok(&cache, &["cache", "verify"]);
+    assert!(verify.trim_end().ends_with(", 0 corrupt"), "{verify}");
+
+    // gc is a dry run by default: one line per entry, nothing removed.
+    let gc = ok(&cache, &["cache", "gc", "--days", "0"]);
+    assert!(
+        gc.lines().any(|l| l.starts_with("would remove artifact")),
+        "{gc}"
+    );
+    assert!(
+        gc.trim_end()
+            .ends_with("would be removed (dry run; --yes deletes)"),
+        "{gc}"
+    );
+    assert!(tokens.exists());
+}
+
+#[test]
+fn compare_writes_its_own_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cache, out) = (tmp.path().join("cache"), tmp.path().join("cmp"));
+    let mixture = tmp.path().join("toy.toml");
+    std::fs::write(
+        &mixture,
+        format!(
+            "description = \"toy\"\n[[entry]]\npath = {:?}\nformat = \"messages\"\nsource = \"toy\"\n",
+            s(&fixtures("pipeline").join("toy_pool.jsonl"))
+        ),
+    )
+    .unwrap();
+    let target = fixtures("pipeline").join("toy_target.jsonl");
+    let stdout = ok(
+        &cache,
+        &[
+            "compare",
+            "--task",
+            &s(&target),
+            "--methods",
+            "random,bm25",
+            "--pool",
+            &s(&mixture),
+            "--model",
+            &s(&stories_dir()),
+            "--budget",
+            "6",
+            "--max-len",
+            "64",
+            "--target-max-len",
+            "64",
+            "--out",
+            &s(&out),
+        ],
+    );
+    assert!(stdout.contains("rows →"), "{stdout}");
+    for f in ["table.md", "table.csv", "compare.json", "report.html"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    for m in ["random", "bm25"] {
+        let sel = out.join("selections").join(m).join("selection.jsonl");
+        assert_eq!(
+            text(&std::fs::read(&sel).unwrap()).lines().count(),
+            6,
+            "{m}"
+        );
+    }
+    let md = std::fs::read_to_string(out.join("table.md")).unwrap();
+    assert!(md.contains("no-finetune") && md.contains("bm25"), "{md}");
+    // Nothing beside the comparison's folder.
+    let siblings: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut siblings = siblings;
+    siblings.sort();
+    assert_eq!(siblings, ["cache", "cmp", "toy.toml"]);
+}
+
+#[test]
+fn bad_options_are_usage_errors_that_list_the_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = dsel(
+        tmp.path(),
+        &["compare", "--task", "mmlu", "--methods", "tov,nope"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let e = text(&o.stderr);
+    assert!(
+        e.contains("'nope'") && e.contains("possible values: tov, tov-b"),
+        "{e}"
+    );
+    let o = dsel(tmp.path(), &["less-shard", "--shard", "3/3"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("3/3"), "{}", text(&o.stderr));
+}
