@@ -359,6 +359,9 @@ struct LessShardArgs {
     preset: Preset,
     #[arg(long, help = preset_default("Maximum tokens per pool example", |v| v.max_len.to_string()))]
     max_len: Option<usize>,
+    /// How examples longer than the max length are cut, as given to `select`.
+    #[arg(long, default_value = "keep-completion")]
+    truncation: dsel_tokenize::Truncation,
     /// Seed (pool sample and warmup subset), as given to `select`.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -458,6 +461,9 @@ struct TokenizeArgs {
     /// Maximum tokens per example.
     #[arg(long, default_value_t = 256)]
     max_len: usize,
+    /// How examples longer than the max length are cut.
+    #[arg(long, default_value = "keep-completion")]
+    truncation: dsel_tokenize::Truncation,
 }
 
 #[derive(Args, Debug)]
@@ -703,7 +709,7 @@ fn run() -> Result<()> {
             for (label, art) in &ing {
                 arts.push((
                     format!("{label} tokens"),
-                    p.tokenize(art, a.max_len, label)?,
+                    p.tokenize(art, a.max_len, a.truncation, label)?,
                 ));
             }
             print_artifacts(&p, &arts);
@@ -716,7 +722,7 @@ fn run() -> Result<()> {
                 &a.tokenize.ingest.pool.pool,
                 &subset(&a.tokenize.ingest.pool, None, a.tokenize.ingest.seed),
             )?;
-            let tok = p.tokenize(&ing, a.tokenize.max_len, "pool")?;
+            let tok = p.tokenize(&ing, a.tokenize.max_len, a.tokenize.truncation, "pool")?;
             let cfg = SweepConfig {
                 batch_tokens: a.batch_tokens,
                 ..SweepConfig::default()
@@ -818,10 +824,15 @@ fn run() -> Result<()> {
             let values = a.preset.values();
             let pool_ing =
                 p.ingest_pool(&a.pool.pool, &subset(&a.pool, values.pool_limit, a.seed))?;
-            let pool_tok = p.tokenize(&pool_ing, a.max_len.unwrap_or(values.max_len), "pool")?;
+            let pool_tok = p.tokenize(
+                &pool_ing,
+                a.max_len.unwrap_or(values.max_len),
+                Default::default(),
+                "pool",
+            )?;
             let target_ing = p.ingest_target(&TargetSpec::parse(&a.task)?)?;
             let target_max_len = a.target_max_len.unwrap_or(values.target_max_len);
-            let target_tok = p.tokenize(&target_ing, target_max_len, "target")?;
+            let target_tok = p.tokenize(&target_ing, target_max_len, Default::default(), "target")?;
             let tcfg = train_preset(a.preset);
             let mut cfg =
                 OnlineTrainConfig::new(SelectorConfig::default_for(a.selector), tcfg.lora.clone());
@@ -854,7 +865,12 @@ fn run() -> Result<()> {
             p.load_model(&a.model)?;
             let pool_ing =
                 p.ingest_pool(&a.pool.pool, &subset(&a.pool, values.pool_limit, a.seed))?;
-            let pool_tok = p.tokenize(&pool_ing, a.max_len.unwrap_or(values.max_len), "pool")?;
+            let pool_tok = p.tokenize(
+                &pool_ing,
+                a.max_len.unwrap_or(values.max_len),
+                a.truncation,
+                "pool",
+            )?;
             let cfg = a.preset.less(a.seed);
             let o = dsel_pipeline::less::datastore_shard(&mut p, &pool_tok, &cfg, shard)?;
             match o.report {

@@ -43,8 +43,14 @@ pub use targets::{
 };
 
 /// Version of the ingest rules (prompt formats, parsing, skipping). Part of every
-/// [`mixture_fingerprint`]; bump it when a change alters the examples produced.
-pub const INGEST_VERSION: &str = "1";
+/// [`mixture_fingerprint`] and target fingerprint; bump it when a change alters
+/// the examples produced.
+pub const RULES_VERSION: &str = "1";
+
+/// The ingest stage's name in the artifact store.
+pub const STAGE: &str = "ingest";
+/// Version of the ingest stage's output (`examples.parquet` and its report).
+pub const STAGE_VERSION: &str = "ingest-1";
 
 /// One chat turn.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]

@@ -43,7 +43,7 @@ use serde::Deserialize;
 
 use crate::error::{IngestError, IngestReport, Result};
 use crate::readers::{display_path, list_dir, read_file, Format, ReadOptions};
-use crate::{Example, INGEST_VERSION};
+use crate::{Example, RULES_VERSION};
 
 /// Environment variable naming the data root.
 pub const DATA_ROOT_ENV: &str = "DSEL_DATA_ROOT";
@@ -297,7 +297,7 @@ pub fn mixture_fingerprint(mixture: &str, data_root: &Path) -> Result<String> {
     check_data_root(data_root)?;
     let m = resolve_mixture(mixture)?;
     let mut h = blake3::Hasher::new();
-    h.update(format!("dsel-ingest mixture fingerprint v{INGEST_VERSION}\n").as_bytes());
+    h.update(format!("dsel-ingest mixture fingerprint v{RULES_VERSION}\n").as_bytes());
     h.update(&(m.text.len() as u64).to_le_bytes());
     h.update(m.text.as_bytes());
     for (_, path) in m.files(data_root)? {

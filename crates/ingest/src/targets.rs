@@ -476,7 +476,7 @@ pub fn target_files(
 }
 
 /// Fingerprint of the content a target's `split` is built from: blake3
-/// (hex) of `"dsel-ingest target fingerprint v{INGEST_VERSION}\n"` followed,
+/// (hex) of `"dsel-ingest target fingerprint v{RULES_VERSION}\n"` followed,
 /// for each of [`target_files`] in order, by the name's byte length (u64
 /// little-endian), the name, the file's byte length (u64 little-endian) and
 /// the blake3 of its bytes. Editing any file a loader reads changes it; the
@@ -490,7 +490,7 @@ pub fn target_fingerprint(
     h.update(
         format!(
             "dsel-ingest target fingerprint v{}\n",
-            crate::INGEST_VERSION
+            crate::RULES_VERSION
         )
         .as_bytes(),
     );

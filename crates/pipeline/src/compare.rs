@@ -385,10 +385,14 @@ pub fn compare(
     out_dir: &Path,
 ) -> Result<CompareReport> {
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    p.truncation = base.truncation;
+    // Selections are trained on with the pool's truncation.
+    let train = &TrainOnSelection {
+        truncation: base.truncation,
+        ..train.clone()
+    };
     p.load_model(&base.model)?;
     let pool_ing = p.ingest_pool(&base.pool, &base.subset)?;
-    let pool_tok = p.tokenize(&pool_ing, base.values.max_len, "pool")?;
+    let pool_tok = p.tokenize(&pool_ing, base.values.max_len, base.truncation, "pool")?;
     let pool_set = dsel_tokenize::TokenizedSet::open(pool_tok.dir())?;
     let mut report = CompareReport {
         task: base.task.clone(),
@@ -428,7 +432,12 @@ pub fn compare(
     if !opts.selectors.is_empty() {
         let target = dsel_ingest::TargetSpec::parse(&base.task)?;
         let target_ing = p.ingest_target(&target)?;
-        let target_tok = p.tokenize(&target_ing, base.values.target_max_len, "target")?;
+        let target_tok = p.tokenize(
+            &target_ing,
+            base.values.target_max_len,
+            base.truncation,
+            "target",
+        )?;
         for &k in &opts.selectors {
             let row = online_row(p, base, k, opts, train, eval, &pool_tok, &target_tok)?;
             report.rows.push(row);

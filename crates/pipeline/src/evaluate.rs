@@ -27,7 +27,7 @@ use dsel_train::TrainConfig;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::{Pipeline, INGEST_VERSION};
+use crate::Pipeline;
 
 /// Stage name of the fine-tune on a selection.
 pub const TRAIN_STAGE: &str = "train";
@@ -41,8 +41,12 @@ pub struct TrainOnSelection {
     pub lora: LoraConfig,
     /// Optimisation (its seed is replaced by the run seed).
     pub train: TrainConfig,
-    /// Maximum tokens per example (longer ones are cut from the right).
+    /// Maximum tokens per example.
     pub max_len: usize,
+    /// How longer examples are cut (the default keeps the completion and
+    /// drops the prompt's start).
+    #[serde(default)]
+    pub truncation: dsel_tokenize::Truncation,
 }
 
 impl TrainOnSelection {
@@ -66,6 +70,7 @@ impl TrainOnSelection {
                 ..TrainConfig::default()
             },
             max_len: 256,
+            truncation: Default::default(),
         }
     }
 
@@ -91,6 +96,7 @@ impl TrainOnSelection {
                 ..TrainConfig::default()
             },
             max_len: 2048,
+            truncation: Default::default(),
         }
     }
 
@@ -127,8 +133,8 @@ pub fn train_on_selection(
     p.model()?;
     let fingerprint = file_hash(selection_jsonl)?;
     let spec = StageSpec::new(
-        "ingest",
-        INGEST_VERSION,
+        dsel_ingest::STAGE,
+        dsel_ingest::STAGE_VERSION,
         json!({"kind": "selection", "fingerprint": fingerprint}),
     );
     let path = selection_jsonl.to_path_buf();
@@ -146,7 +152,7 @@ pub fn train_on_selection(
     })?;
     let label = format!("selection {}", selection_jsonl.display());
     p.record("ingest", &label, &o);
-    let tok = p.tokenize(&o.artifact, cfg.max_len, &label)?;
+    let tok = p.tokenize(&o.artifact, cfg.max_len, cfg.truncation, &label)?;
     let n = TokenizedSet::open(tok.dir())?.len();
     if n == 0 {
         bail!(

@@ -582,7 +582,7 @@ mod tests {
         let pool = p
             .ingest_pool(&mixture.display().to_string(), &opts)
             .unwrap();
-        let pool_tok = p.tokenize(&pool, 64, "pool").unwrap();
+        let pool_tok = p.tokenize(&pool, 64, Default::default(), "pool").unwrap();
         (p, pool_tok)
     }
 
@@ -603,7 +603,7 @@ mod tests {
             let spec =
                 dsel_ingest::TargetSpec::parse(&fixture(target).display().to_string()).unwrap();
             let t = p.ingest_target(&spec).unwrap();
-            let t = p.tokenize(&t, 64, "target").unwrap();
+            let t = p.tokenize(&t, 64, Default::default(), "target").unwrap();
             score(p, &pool_tok, &t, &cfg).unwrap()
         };
         let s1 = run(&mut p, "toy_target.jsonl");
@@ -670,7 +670,7 @@ mod tests {
                 dsel_ingest::TargetSpec::parse(&fixture("toy_target.jsonl").display().to_string())
                     .unwrap();
             let t = p.ingest_target(&spec).unwrap();
-            p.tokenize(&t, 64, "target").unwrap()
+            p.tokenize(&t, 64, Default::default(), "target").unwrap()
         };
         let t_a = target(&mut pa);
         let merged = score(&mut pa, &tok_a, &t_a, &cfg).unwrap();
@@ -731,7 +731,7 @@ mod tests {
             seed: 0,
         };
         let pool = p.ingest_pool("tiny", &opts).unwrap();
-        let pool_tok = p.tokenize(&pool, 256, "pool").unwrap();
+        let pool_tok = p.tokenize(&pool, 256, Default::default(), "pool").unwrap();
         let set = TokenizedSet::open(pool_tok.dir()).unwrap();
         let ids: Vec<String> = set.index.iter().map(|r| r.id.clone()).collect();
         let all: Vec<usize> = (0..ids.len()).collect();
@@ -741,7 +741,7 @@ mod tests {
             let started = Instant::now();
             let spec = dsel_ingest::TargetSpec::parse(task).unwrap();
             let t = p.ingest_target(&spec).unwrap();
-            let t = p.tokenize(&t, 256, "target").unwrap();
+            let t = p.tokenize(&t, 256, Default::default(), "target").unwrap();
             let s = score(&mut p, &pool_tok, &t, &cfg).unwrap();
             let top =
                 dsel_select::top_n(&s.scores, &all, (ids.len() as f64 * 0.05).round() as usize);

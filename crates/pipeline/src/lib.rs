@@ -31,10 +31,6 @@ use dsel_tokenize::{ChatFormat, Formatter, TokenizeConfig, TokenizedSet};
 use dsel_valtune::ValtuneConfig;
 use serde_json::json;
 
-/// Version of the ingest stage's output.
-pub const INGEST_VERSION: &str = "ingest-1";
-/// Version of the tokenize stage's output.
-pub const TOKENIZE_VERSION: &str = "tokenize-1";
 
 /// A loaded model and the identity used in artifact keys.
 pub struct LoadedModel {
@@ -56,8 +52,6 @@ pub struct Pipeline {
     pub device: Device,
     /// Stages run so far, in order.
     pub records: Vec<StageRecord>,
-    /// How [`Pipeline::tokenize`] cuts sequences longer than its `max_len`.
-    pub truncation: dsel_tokenize::Truncation,
     /// Precision of every model's matrix products (see [`Pipeline::set_precision`]).
     precision: Precision,
     model: Option<LoadedModel>,
@@ -111,7 +105,6 @@ impl Pipeline {
             data_root: data_root.to_path_buf(),
             device: Device::Cpu,
             records: Vec::new(),
-            truncation: dsel_tokenize::Truncation::default(),
             precision: Precision::fastest(),
             model: None,
         };
@@ -200,8 +193,8 @@ impl Pipeline {
         let mixture = canonical.as_str();
         let fingerprint = dsel_ingest::mixture_fingerprint(mixture, &self.data_root)?;
         let spec = StageSpec::new(
-            "ingest",
-            INGEST_VERSION,
+            dsel_ingest::STAGE,
+            dsel_ingest::STAGE_VERSION,
             json!({"kind": "pool", "mixture": mixture, "fingerprint": fingerprint,
                    "limit": opts.limit, "per_source_cap": opts.per_source_cap}),
         )
@@ -230,8 +223,8 @@ impl Pipeline {
             dsel_ingest::TargetSplit::Validation,
         )?;
         let spec = StageSpec::new(
-            "ingest",
-            INGEST_VERSION,
+            dsel_ingest::STAGE,
+            dsel_ingest::STAGE_VERSION,
             json!({"kind": "target-validation", "target": name, "fingerprint": fingerprint}),
         );
         let root = self.data_root.clone();
@@ -266,11 +259,13 @@ impl Pipeline {
         })
     }
 
-    /// Tokenize an ingested table with the loaded model's tokenizer and chat format.
+    /// Tokenize an ingested table with the loaded model's tokenizer and chat
+    /// format, cutting examples longer than `max_len` as `truncation` says.
     pub fn tokenize(
         &mut self,
         examples: &Artifact,
         max_len: usize,
+        truncation: dsel_tokenize::Truncation,
         label: &str,
     ) -> Result<Artifact> {
         let (format, bos_id) = self.chat_format()?;
@@ -283,7 +278,7 @@ impl Pipeline {
         let cfg = TokenizeConfig {
             max_len,
             bos_id,
-            truncation: self.truncation,
+            truncation,
         };
         let format_desc = match &format {
             ChatFormat::Template { template, .. } => {
@@ -297,7 +292,7 @@ impl Pipeline {
             config["truncation"] = serde_json::to_value(cfg.truncation)?;
         }
         let spec =
-            StageSpec::new("tokenize", TOKENIZE_VERSION, config).input(examples.key().clone());
+            StageSpec::new(dsel_tokenize::STAGE, dsel_tokenize::STAGE_VERSION, config).input(examples.key().clone());
         let ex_path = examples.path("examples.parquet");
         let o = self.store.get_or_build(&spec, |b| {
             let examples = dsel_ingest::read_examples_parquet(&ex_path)?;
@@ -378,7 +373,7 @@ impl Pipeline {
     ) -> Result<Artifact> {
         let fp = self.model_key()?;
         let spec = StageSpec::new(
-            "valtune",
+            dsel_valtune::STAGE,
             dsel_valtune::STAGE_VERSION,
             json!({"model": fp, "finetune": dsel_valtune::derive_config(base_cfg, v), "valtune": v}),
         )
@@ -415,7 +410,7 @@ impl Pipeline {
     ) -> Result<Artifact> {
         let fp = self.model_key()?;
         let mut spec = StageSpec::new(
-            "sweep",
+            dsel_sweep::STAGE,
             dsel_sweep::STAGE_VERSION,
             json!({"model": fp, "sweep": cfg}),
         )

@@ -304,6 +304,7 @@ fn target_tokens(
     task: &str,
     target: &TargetSpec,
     max_len: usize,
+    truncation: dsel_tokenize::Truncation,
 ) -> Result<(Artifact, Artifact)> {
     let where_ = match target {
         TargetSpec::Named(t) => format!(
@@ -334,7 +335,7 @@ fn target_tokens(
             }
         );
     }
-    let tok = p.tokenize(&ing, max_len, "target").with_context(|| {
+    let tok = p.tokenize(&ing, max_len, truncation, "target").with_context(|| {
         format!(
             "{where_} ({task}) has no usable example ({} of {} records kept at ingest{})",
             report.kept,
@@ -433,16 +434,21 @@ pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<Sele
     let started = Instant::now();
     req.validate()?;
     let target = TargetSpec::parse(&req.task)?;
-    p.truncation = req.truncation;
     p.load_model(&req.model)?;
     let pool_ing = p.ingest_pool(&req.pool, &req.subset)?;
-    let pool_tok = p.tokenize(&pool_ing, req.values.max_len, "pool")?;
+    let pool_tok = p.tokenize(&pool_ing, req.values.max_len, req.truncation, "pool")?;
     let pool_set = TokenizedSet::open(pool_tok.dir())?;
     let n = pool_set.len();
     let n_select = req.budget.resolve(n);
     // Every method checks the target first: one with no usable example fails
     // here, naming the file and the skip counts, whatever the method.
-    let (target_ing, target_tok) = target_tokens(p, &req.task, &target, req.values.target_max_len)?;
+    let (target_ing, target_tok) = target_tokens(
+        p,
+        &req.task,
+        &target,
+        req.values.target_max_len,
+        req.truncation,
+    )?;
     let lengths: Vec<u32> = pool_set.index.iter().map(|r| r.n_tokens).collect();
     let all: Vec<usize> = (0..n).collect();
 

@@ -351,9 +351,12 @@ fn keep_completion_truncation_keeps_long_prompt_examples_and_has_its_own_key() {
         .unwrap();
     // Keep-completion is the default; right truncation keeps the key it
     // always had (no `truncation` field).
-    assert_eq!(p.truncation, dsel_tokenize::Truncation::KeepCompletion);
-    p.truncation = dsel_tokenize::Truncation::Right;
-    let full_art = p.tokenize(&pool, 4096, "pool").unwrap();
+    assert_eq!(
+        dsel_tokenize::Truncation::default(),
+        dsel_tokenize::Truncation::KeepCompletion
+    );
+    let right = dsel_tokenize::Truncation::Right;
+    let full_art = p.tokenize(&pool, 4096, right, "pool").unwrap();
     assert!(
         full_art.manifest().config.get("truncation").is_none(),
         "right truncation keeps the key it always had"
@@ -365,13 +368,13 @@ fn keep_completion_truncation_keeps_long_prompt_examples_and_has_its_own_key() {
         .map(|i| full.example(i).1.iter().position(|&l| l == 1).unwrap())
         .max()
         .unwrap();
-    let err = p.tokenize(&pool, max_len, "pool").unwrap_err();
+    let err = p.tokenize(&pool, max_len, right, "pool").unwrap_err();
     assert!(
         format!("{err:#}").contains("no_labels_after_truncation"),
         "{err:#}"
     );
-    p.truncation = dsel_tokenize::Truncation::KeepCompletion;
-    let keep = p.tokenize(&pool, max_len, "pool").unwrap();
+    let keep_completion = dsel_tokenize::Truncation::KeepCompletion;
+    let keep = p.tokenize(&pool, max_len, keep_completion, "pool").unwrap();
     assert_eq!(keep.manifest().config["truncation"], "keep-completion");
     let k = dsel_tokenize::TokenizedSet::open(keep.dir()).unwrap();
     assert_eq!(k.len(), full.len(), "every toy example keeps a completion");

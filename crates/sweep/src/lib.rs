@@ -27,6 +27,8 @@ use serde::{Deserialize, Serialize};
 
 /// Bump when the output format or the computation changes.
 pub const STAGE_VERSION: &str = "sweep-1";
+/// The sweep stage's name in the artifact store.
+pub const STAGE: &str = "sweep";
 
 /// Batching and sharding of a sweep (does not change the numbers beyond
 /// floating-point summation order, but is part of the artifact key).

@@ -27,6 +27,12 @@ use tokenizers::Tokenizer;
 
 pub use format::{ChatFormat, FormatError, Formatter, Segment};
 
+/// The tokenize stage's name in the artifact store.
+pub const STAGE: &str = "tokenize";
+/// Version of the tokenize stage's output (token, mask and offset arrays,
+/// index table).
+pub const STAGE_VERSION: &str = "tokenize-1";
+
 /// How a sequence longer than `max_len` is cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 
 /// Bump when the computation changes.
 pub const STAGE_VERSION: &str = "valtune-2";
+/// The validation fine-tune's stage name in the artifact store.
+pub const STAGE: &str = "valtune";
 
 /// Validation fine-tune options.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
