@@ -490,9 +490,22 @@ pub fn write_outputs(dir: &Path, report: &CompareReport) -> Result<()> {
     let mut md = String::from(
         "| method | selection CPU s | selection wall s | peak MiB | artifact MB | selected share by source | test loss | metric | seeds |\n|---|---|---|---|---|---|---|---|---|\n",
     );
-    let mut csv = String::from(
-        "method,kind,selection_cpu_seconds,selection_wall_seconds,peak_mib,artifact_bytes,test_loss_mean,test_loss_std,metric_name,metric_mean,metric_std,n,seeds\n",
-    );
+    let mut csv = csv::Writer::from_writer(Vec::new());
+    csv.write_record([
+        "method",
+        "kind",
+        "selection_cpu_seconds",
+        "selection_wall_seconds",
+        "peak_mib",
+        "artifact_bytes",
+        "test_loss_mean",
+        "test_loss_std",
+        "metric_name",
+        "metric_mean",
+        "metric_std",
+        "n",
+        "seeds",
+    ])?;
     for r in &report.rows {
         let seeds = r.runs.len();
         let _ = std::fmt::Write::write_fmt(
@@ -513,28 +526,27 @@ pub fn write_outputs(dir: &Path, report: &CompareReport) -> Result<()> {
         );
         let (tl, tls) = r.test_loss();
         let (mm, ms) = r.metric();
-        let _ = std::fmt::Write::write_fmt(
-            &mut csv,
-            format_args!(
-                "{},{},{:.3},{:.3},{:.1},{},{:.6},{:.6},{},{:.6},{:.6},{},{}\n",
-                r.method,
-                serde_json::to_value(r.kind)?.as_str().unwrap_or(""),
-                r.selection_cpu(),
-                r.selection_compute(),
-                r.peak_mib,
-                r.artifact_bytes,
-                tl,
-                tls,
-                r.metric_name(),
-                mm,
-                ms,
-                r.runs.first().map(|x| x.eval.n).unwrap_or(0),
-                seeds
-            ),
-        );
+        csv.write_record([
+            r.method.clone(),
+            serde_json::to_value(r.kind)?
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+            format!("{:.3}", r.selection_cpu()),
+            format!("{:.3}", r.selection_compute()),
+            format!("{:.1}", r.peak_mib),
+            r.artifact_bytes.to_string(),
+            format!("{tl:.6}"),
+            format!("{tls:.6}"),
+            r.metric_name().to_string(),
+            format!("{mm:.6}"),
+            format!("{ms:.6}"),
+            r.runs.first().map(|x| x.eval.n).unwrap_or(0).to_string(),
+            seeds.to_string(),
+        ])?;
     }
     dsel_store::atomic_write(dir.join("table.md"), md.as_bytes())?;
-    dsel_store::atomic_write(dir.join("table.csv"), csv.as_bytes())?;
+    dsel_store::atomic_write(dir.join("table.csv"), csv.into_inner()?)?;
     dsel_store::atomic_write(dir.join("compare.json"), serde_json::to_vec_pretty(report)?)?;
     dsel_store::atomic_write(dir.join("report.html"), html(report).as_bytes())?;
     Ok(())

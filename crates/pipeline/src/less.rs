@@ -481,7 +481,10 @@ pub fn write_sorted_csv(path: &Path, ids: &[String], scores: &[f64]) -> Result<(
                 .then(a.cmp(&b)),
         }
     });
-    let mut out = String::from("file name, index, score\n");
+    // The reference's ", " separators are kept as a leading space in the
+    // fields; the csv writer quotes any file name holding a comma or quote.
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["file name", " index", " score"])?;
     for i in order {
         let id = &ids[i];
         let (file, index) = match id.rsplit_once(':') {
@@ -490,9 +493,9 @@ pub fn write_sorted_csv(path: &Path, ids: &[String], scores: &[f64]) -> Result<(
             }
             _ => (id.clone(), i.to_string()),
         };
-        out.push_str(&format!("{file}, {index}, {}\n", py_round6(scores[i])));
+        w.write_record([file, format!(" {index}"), format!(" {}", py_round6(scores[i]))])?;
     }
-    dsel_store::atomic_write(path, out.as_bytes())
+    dsel_store::atomic_write(path, w.into_inner()?)
 }
 
 #[cfg(test)]
@@ -519,6 +522,11 @@ mod tests {
             "file name, index, score\npools/b.jsonl, 0, 1.0\npools/a.jsonl, 7, 0.912346\npools/a.jsonl, 3, 0.25\nodd-id, 2, nan\n"
         );
         assert!(write_sorted_csv(&path, &ids, &[1.0]).is_err());
+        // A file name with a comma is quoted, so the file still parses.
+        let odd = vec!["pools/a,b.jsonl:4".to_string()];
+        write_sorted_csv(&path, &odd, &[0.5]).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "file name, index, score\n\"pools/a,b.jsonl\", 4, 0.5\n");
     }
 
     #[test]
