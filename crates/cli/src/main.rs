@@ -832,7 +832,8 @@ fn run() -> Result<()> {
             )?;
             let target_ing = p.ingest_target(&TargetSpec::parse(&a.task)?)?;
             let target_max_len = a.target_max_len.unwrap_or(values.target_max_len);
-            let target_tok = p.tokenize(&target_ing, target_max_len, Default::default(), "target")?;
+            let target_tok =
+                p.tokenize(&target_ing, target_max_len, Default::default(), "target")?;
             let tcfg = train_preset(a.preset);
             let mut cfg =
                 OnlineTrainConfig::new(SelectorConfig::default_for(a.selector), tcfg.lora.clone());

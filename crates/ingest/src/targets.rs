@@ -487,13 +487,7 @@ pub fn target_fingerprint(
     split: TargetSplit,
 ) -> Result<String> {
     let mut h = blake3::Hasher::new();
-    h.update(
-        format!(
-            "dsel-ingest target fingerprint v{}\n",
-            crate::RULES_VERSION
-        )
-        .as_bytes(),
-    );
+    h.update(format!("dsel-ingest target fingerprint v{}\n", crate::RULES_VERSION).as_bytes());
     for (name, path) in target_files(spec, data_root, split)? {
         let bytes = read_bytes(&path, &name)?;
         h.update(&(name.len() as u64).to_le_bytes());

@@ -17,8 +17,10 @@ use crate::online::{OnlineTrainConfig, SelectorConfig, SelectorKind};
 use crate::Pipeline;
 
 mod report;
+pub mod svg;
 
 pub use report::html;
+pub(crate) use report::templates;
 
 /// What to compare.
 #[derive(Debug, Clone)]

@@ -493,7 +493,11 @@ pub fn write_sorted_csv(path: &Path, ids: &[String], scores: &[f64]) -> Result<(
             }
             _ => (id.clone(), i.to_string()),
         };
-        w.write_record([file, format!(" {index}"), format!(" {}", py_round6(scores[i]))])?;
+        w.write_record([
+            file,
+            format!(" {index}"),
+            format!(" {}", py_round6(scores[i])),
+        ])?;
     }
     dsel_store::atomic_write(path, w.into_inner()?)
 }
@@ -526,7 +530,10 @@ mod tests {
         let odd = vec!["pools/a,b.jsonl:4".to_string()];
         write_sorted_csv(&path, &odd, &[0.5]).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(text, "file name, index, score\n\"pools/a,b.jsonl\", 4, 0.5\n");
+        assert_eq!(
+            text,
+            "file name, index, score\n\"pools/a,b.jsonl\", 4, 0.5\n"
+        );
     }
 
     #[test]

@@ -31,7 +31,6 @@ use dsel_tokenize::{ChatFormat, Formatter, TokenizeConfig, TokenizedSet};
 use dsel_valtune::ValtuneConfig;
 use serde_json::json;
 
-
 /// A loaded model and the identity used in artifact keys.
 pub struct LoadedModel {
     /// Path it was loaded from.
@@ -291,8 +290,8 @@ impl Pipeline {
         if cfg.truncation != dsel_tokenize::Truncation::Right {
             config["truncation"] = serde_json::to_value(cfg.truncation)?;
         }
-        let spec =
-            StageSpec::new(dsel_tokenize::STAGE, dsel_tokenize::STAGE_VERSION, config).input(examples.key().clone());
+        let spec = StageSpec::new(dsel_tokenize::STAGE, dsel_tokenize::STAGE_VERSION, config)
+            .input(examples.key().clone());
         let ex_path = examples.path("examples.parquet");
         let o = self.store.get_or_build(&spec, |b| {
             let examples = dsel_ingest::read_examples_parquet(&ex_path)?;

@@ -335,18 +335,20 @@ fn target_tokens(
             }
         );
     }
-    let tok = p.tokenize(&ing, max_len, truncation, "target").with_context(|| {
-        format!(
-            "{where_} ({task}) has no usable example ({} of {} records kept at ingest{})",
-            report.kept,
-            report.read,
-            if skips.is_empty() {
-                String::new()
-            } else {
-                format!("; skipped {skips}")
-            }
-        )
-    })?;
+    let tok = p
+        .tokenize(&ing, max_len, truncation, "target")
+        .with_context(|| {
+            format!(
+                "{where_} ({task}) has no usable example ({} of {} records kept at ingest{})",
+                report.kept,
+                report.read,
+                if skips.is_empty() {
+                    String::new()
+                } else {
+                    format!("; skipped {skips}")
+                }
+            )
+        })?;
     Ok((ing, tok))
 }
 

@@ -724,84 +724,46 @@ fn variant_table(runs: &[QualityRun], get: fn(&QualityRun) -> &[(String, f64)]) 
 /// random (a line at 1) and one for the percentile rank (a line at 0.5),
 /// with the seeds' standard deviation as whiskers.
 fn report_html(cells: &[QualityCell]) -> String {
+    use crate::compare::svg::{interval_plot, Interval};
     let mut tasks: Vec<&str> = Vec::new();
     for c in cells {
         if !tasks.contains(&c.task.as_str()) {
             tasks.push(&c.task);
         }
     }
-    let esc = |s: &str| {
-        s.replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;")
-    };
-    let mut html = String::from(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>dsel quality</title>\
-         <style>body{font-family:sans-serif;margin:2em}svg{margin:0 2em 2em 0}text{font-size:11px}</style>\
-         </head><body><h1>Held-out source recall</h1>\
-         <p>Lift = share of the selection from the held-out task ÷ its share of the pool (1 = random). \
-         Percentile = mean rank of the task's examples under the raw scores (0 = first, 0.5 = random).</p>",
-    );
-    let bar_chart = |title: &str, vals: &[(String, f64, f64)], max: f64, reference: f64| {
-        let (w, row) = (420.0, 22.0);
-        let h = 30.0 + row * vals.len() as f64 + 20.0;
-        let x = |v: f64| 120.0 + (v / max).clamp(0.0, 1.0) * (w - 140.0);
-        let mut s = format!(
-            "<svg width=\"{w}\" height=\"{h}\" role=\"img\"><text x=\"0\" y=\"14\" font-weight=\"bold\">{}</text>",
-            esc(title)
-        );
-        for (i, (name, m, sd)) in vals.iter().enumerate() {
-            let y = 26.0 + row * i as f64;
-            let _ = write!(
-                s,
-                "<text x=\"0\" y=\"{}\">{}</text><rect x=\"120\" y=\"{y}\" width=\"{:.1}\" height=\"14\" fill=\"#4a7bd0\"/>\
-                 <line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{}\" y2=\"{}\" stroke=\"#000\"/><text x=\"{:.1}\" y=\"{}\">{m:.2}</text>",
-                y + 11.0,
-                esc(name),
-                x(*m) - 120.0,
-                x(m - sd),
-                x(m + sd),
-                y + 7.0,
-                y + 7.0,
-                x(m + sd) + 4.0,
-                y + 11.0
-            );
-        }
-        let axis_y = 26.0 + row * vals.len() as f64;
-        let _ = write!(
-            s,
-            "<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"22\" y2=\"{axis_y}\" stroke=\"#c00\" stroke-dasharray=\"3\"/>\
-             <text x=\"120\" y=\"{1}\">0</text><text x=\"{2:.1}\" y=\"{1}\">{3:.2}</text><text x=\"{0:.1}\" y=\"{1}\">{4}</text></svg>",
-            x(reference),
-            axis_y + 14.0,
-            x(max) - 20.0,
-            max,
-            reference
-        );
-        s
-    };
-    for t in tasks {
-        let _ = write!(html, "<h2>{}</h2>", esc(t));
-        let of_task: Vec<&QualityCell> = cells.iter().filter(|c| c.task == t).collect();
-        let lifts: Vec<(String, f64, f64)> = of_task
-            .iter()
-            .map(|c| (c.method.clone(), c.lift.0, c.lift.1))
-            .collect();
-        let max_lift = lifts.iter().map(|l| l.1 + l.2).fold(1.5, f64::max);
-        html.push_str(&bar_chart("lift over random", &lifts, max_lift, 1.0));
-        let pcts: Vec<(String, f64, f64)> = of_task
-            .iter()
-            .filter_map(|c| c.percentile.map(|p| (c.method.clone(), p.0, p.1)))
-            .collect();
-        html.push_str(&bar_chart(
-            "mean percentile (lower is better)",
-            &pcts,
-            1.0,
-            0.5,
-        ));
-    }
-    html.push_str("</body></html>\n");
-    html
+    let charts: Vec<_> = tasks
+        .iter()
+        .map(|t| {
+            let of_task: Vec<&QualityCell> = cells.iter().filter(|c| c.task == *t).collect();
+            let lift: Vec<Interval> = of_task
+                .iter()
+                .map(|c| Interval {
+                    label: &c.method,
+                    mean: c.lift.0,
+                    std: c.lift.1,
+                })
+                .collect();
+            let pct: Vec<Interval> = of_task
+                .iter()
+                .filter_map(|c| {
+                    c.percentile.map(|p| Interval {
+                        label: &c.method,
+                        mean: p.0,
+                        std: p.1,
+                    })
+                })
+                .collect();
+            minijinja::context! {
+                task => t.to_string(),
+                lift => interval_plot(&lift, Some(1.0), 2),
+                percentile => (!pct.is_empty()).then(|| interval_plot(&pct, Some(0.5), 3)),
+            }
+        })
+        .collect();
+    crate::compare::templates()
+        .get_template("quality.html")
+        .and_then(|t| t.render(minijinja::context! { tasks => charts }))
+        .unwrap_or_else(|e| panic!("rendering quality.html: {e:#}"))
 }
 
 #[cfg(test)]
