@@ -158,24 +158,18 @@ struct SelectionOptions {
     lr: Option<f64>,
     #[arg(long, help = preset_default("ToV: LoRA rank (α scales with it)", |v| v.lora.rank.to_string()))]
     lora_rank: Option<usize>,
-    /// ToV: validation fine-tune LR as a fraction of the base LR.
-    #[arg(long, default_value_t = 0.1, value_parser = positive_f64)]
-    val_lr_ratio: f64,
-    /// ToV: epochs of the validation fine-tune (the paper: 1).
-    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
-    val_epochs: usize,
-    /// ToV: per-token transform F.
-    #[arg(long, default_value = "identity")]
-    transform: Transform,
-    /// ToV: selection rule.
-    #[arg(long, default_value = "score-random")]
-    rule: SelectionRule,
-    /// Number of equal-count length bins for the length-bias correction.
-    #[arg(long, default_value_t = 10, value_parser = at_least_one)]
-    bins: usize,
-    /// ToV: the length the bins are over.
-    #[arg(long, default_value = "completion")]
-    bin_by: dsel_pipeline::methods::BinBy,
+    #[arg(long, value_parser = positive_f64, help = preset_default("ToV: validation fine-tune LR as a fraction of the base LR", |v| v.tov.val_lr_ratio.to_string()))]
+    val_lr_ratio: Option<f64>,
+    #[arg(long, value_parser = at_least_one, help = preset_default("ToV: epochs of the validation fine-tune", |v| v.tov.val_epochs.to_string()))]
+    val_epochs: Option<usize>,
+    #[arg(long, help = preset_default("ToV: per-token transform F", |v| value_name(&v.tov.transform)))]
+    transform: Option<Transform>,
+    #[arg(long, help = preset_default("ToV: selection rule", |v| value_name(&v.tov.rule)))]
+    rule: Option<SelectionRule>,
+    #[arg(long, value_parser = at_least_one, help = preset_default("ToV: equal-count length bins of the length-bias correction", |v| v.tov.n_bins.to_string()))]
+    bins: Option<usize>,
+    #[arg(long, help = preset_default("ToV: the length the bins are over", |v| value_name(&v.tov.bin_by)))]
+    bin_by: Option<dsel_pipeline::methods::BinBy>,
     /// Seed of every random choice (pool sample, U, shuffles, LoRA init, random picks).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -189,8 +183,9 @@ struct SelectionOptions {
     /// short fine-tune on a random pool sample the size of the target (a
     /// target-independent control that removes the shift every short
     /// fine-tune gives every example; doubles the validation sweeps).
-    #[arg(long)]
-    tov_control: bool,
+    /// `--tov-control` alone means true.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", help = preset_default("ToV: score by Δ − Δ_ctl, the change under the same fine-tune on a random pool sample the size of the target (removes the shift every short fine-tune gives every example); `--tov-control` alone = true", |v| v.tov.control.to_string()))]
+    tov_control: Option<bool>,
 }
 
 /// Help text for an option whose default comes from the preset, with both
@@ -201,6 +196,13 @@ fn preset_default(what: &str, value: fn(&methods::PresetValues) -> String) -> St
         value(&Preset::Cpu.values()),
         value(&Preset::Paper.values())
     )
+}
+
+/// The command-line spelling of an option value.
+fn value_name<T: clap::ValueEnum>(v: &T) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_string())
+        .unwrap_or_default()
 }
 
 /// Help of `--pool-limit`, with the presets' values.
@@ -544,6 +546,7 @@ fn select_request(a: SelectionOptions, method: Method, out: PathBuf) -> Result<S
         values.lora.rank = r;
     }
     values.lora.seed = a.seed;
+    let tov = values.tov.clone();
     let req = SelectRequest {
         task: a.task,
         method,
@@ -552,23 +555,23 @@ fn select_request(a: SelectionOptions, method: Method, out: PathBuf) -> Result<S
         subset: subset(&a.pool, values.pool_limit, a.seed),
         budget: a.budget.unwrap_or(values.budget),
         values,
-        transform: a.transform,
-        rule: a.rule,
-        n_bins: a.bins,
-        bin_by: a.bin_by,
+        transform: a.transform.unwrap_or(tov.transform),
+        rule: a.rule.unwrap_or(tov.rule),
+        n_bins: a.bins.unwrap_or(tov.n_bins),
+        bin_by: a.bin_by.unwrap_or(tov.bin_by),
         sweep: SweepConfig {
             batch_tokens: a.batch_tokens,
             ..SweepConfig::default()
         },
         valtune: ValtuneConfig {
-            lr_ratio: a.val_lr_ratio,
-            epochs: a.val_epochs,
+            lr_ratio: a.val_lr_ratio.unwrap_or(tov.val_lr_ratio),
+            epochs: a.val_epochs.unwrap_or(tov.val_epochs),
         },
         seed: a.seed,
         out_dir: out,
         preset: a.preset,
         truncation: a.truncation,
-        control: a.tov_control,
+        control: a.tov_control.unwrap_or(tov.control),
     };
     Ok(req)
 }
@@ -741,7 +744,7 @@ fn run() -> Result<()> {
         Command::Train(a) => {
             let mut p = g.pipeline()?;
             p.load_model(&a.model)?;
-            let cfg = train_preset(a.preset);
+            let cfg = a.preset.train();
             let art = evaluate::train_on_selection(&mut p, &a.selection, &cfg, a.seed)?;
             println!(
                 "adapter {} {}",
@@ -753,7 +756,7 @@ fn run() -> Result<()> {
         Command::Eval(a) => {
             let mut p = g.pipeline()?;
             p.load_model(&a.model)?;
-            let tcfg = train_preset(a.preset);
+            let tcfg = a.preset.train();
             let adapter = match &a.selection {
                 Some(sel) => Some(evaluate::train_on_selection(&mut p, sel, &tcfg, a.seed)?),
                 None => None,
@@ -809,7 +812,7 @@ fn run() -> Result<()> {
                 &mut p,
                 &req,
                 &opts,
-                &train_preset(preset),
+                &preset.train(),
                 &eval_config(preset, &a.size),
                 &out,
             )?;
@@ -834,7 +837,7 @@ fn run() -> Result<()> {
             let target_max_len = a.target_max_len.unwrap_or(values.target_max_len);
             let target_tok =
                 p.tokenize(&target_ing, target_max_len, Default::default(), "target")?;
-            let tcfg = train_preset(a.preset);
+            let tcfg = a.preset.train();
             let mut cfg =
                 OnlineTrainConfig::new(SelectorConfig::default_for(a.selector), tcfg.lora.clone());
             cfg.steps = a.steps;
@@ -900,23 +903,9 @@ fn run() -> Result<()> {
     }
 }
 
-fn train_preset(p: Preset) -> evaluate::TrainOnSelection {
-    match p {
-        Preset::Cpu => evaluate::TrainOnSelection::cpu(),
-        Preset::Paper => evaluate::TrainOnSelection::paper(),
-    }
-}
-
-fn eval_preset(p: Preset) -> evaluate::EvalConfig {
-    match p {
-        Preset::Cpu => evaluate::EvalConfig::cpu(),
-        Preset::Paper => evaluate::EvalConfig::paper(),
-    }
-}
-
 /// The preset's evaluation with the size options applied.
 fn eval_config(p: Preset, size: &EvalSizeArgs) -> evaluate::EvalConfig {
-    let mut c = eval_preset(p);
+    let mut c = p.eval();
     if let Some(cap) = size.eval_cap {
         c.caps.mmlu = Some(cap);
         c.caps.bbh = Some(cap);
@@ -1113,6 +1102,28 @@ mod tests {
             panic!("less-shard")
         };
         assert_eq!(a.shard.to_string(), "1/4");
+    }
+
+    #[test]
+    fn tov_options_default_to_the_presets_values() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["dsel", "select", "--task", "mmlu"];
+            argv.extend_from_slice(extra);
+            let Command::Select(a) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("select")
+            };
+            select_request(a.opts, a.method, PathBuf::from("out")).unwrap()
+        };
+        let tov = Preset::Cpu.values().tov;
+        let d = parse(&[]);
+        assert_eq!(
+            (d.control, d.rule, d.n_bins, d.valtune.lr_ratio),
+            (tov.control, tov.rule, tov.n_bins, tov.val_lr_ratio)
+        );
+        let e = parse(&["--tov-control", "--rule", "score-only", "--bins", "3"]);
+        assert!(e.control);
+        assert_eq!((e.rule, e.n_bins), (SelectionRule::ScoreOnly, 3));
+        assert!(!parse(&["--tov-control", "false"]).control);
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod evaluate;
 pub mod less;
 pub mod methods;
 pub mod online;
+pub mod preset;
 pub mod quality;
 pub mod tov;
 

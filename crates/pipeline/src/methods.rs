@@ -7,7 +7,6 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use dsel_basetrain::FinetuneConfig;
 use dsel_ingest::{SubsetOptions, TargetSpec};
-use dsel_model::LoraConfig;
 use dsel_select::{output, Budget, RunSummary, ScoreRow, Transform};
 use dsel_store::Artifact;
 use dsel_sweep::{SweepConfig, SweepResult};
@@ -119,100 +118,7 @@ pub enum SelectionRule {
     ScoreOnly,
 }
 
-/// Hyper-parameter presets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
-pub enum Preset {
-    /// Sized so `make select TASK=mmlu` finishes in minutes on a 2-core CPU.
-    Cpu,
-    /// The papers' settings (|U| = 4096, L = 4, LoRA r = 256 α = 32 dropout 0.2): for GPUs.
-    Paper,
-}
-
-impl Preset {
-    /// The preset's LESS settings with `seed` (the warmup subset's). `select
-    /// --method less` and `less-shard` both take them from here, so shard
-    /// workers compute the datastore `select` looks up.
-    pub fn less(self, seed: u64) -> crate::less::LessConfig {
-        let mut cfg = match self {
-            Preset::Cpu => crate::less::LessConfig::cpu(),
-            Preset::Paper => crate::less::LessConfig::paper(),
-        };
-        cfg.seed = seed;
-        cfg
-    }
-}
-
-/// Defaults of one preset.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PresetValues {
-    /// Pool examples kept (None = all).
-    pub pool_limit: Option<usize>,
-    /// Maximum tokens per pool example.
-    pub max_len: usize,
-    /// Maximum tokens per target (validation) example: BBH's 3-shot CoT prompts are long.
-    pub target_max_len: usize,
-    /// Budget.
-    pub budget: Budget,
-    /// ToV's |U|.
-    pub u_size: usize,
-    /// ToV's L.
-    pub rounds: usize,
-    /// LoRA shape.
-    pub lora: LoraConfig,
-    /// Base learning rate.
-    pub lr: f64,
-    /// Examples per micro-batch.
-    pub micro_batch: usize,
-    /// Micro-batches per optimizer step.
-    pub grad_accum: usize,
-}
-
-impl Preset {
-    /// The values of this preset.
-    pub fn values(self) -> PresetValues {
-        let targets = ["q", "k", "v", "o"].map(String::from).to_vec();
-        match self {
-            Preset::Cpu => PresetValues {
-                pool_limit: Some(500),
-                max_len: 256,
-                target_max_len: 1024,
-                budget: Budget::Fraction(0.05),
-                u_size: 96,
-                rounds: 1,
-                lora: LoraConfig {
-                    rank: 8,
-                    alpha: 16.0,
-                    dropout: 0.0,
-                    targets,
-                    seed: 0,
-                },
-                lr: 2e-4,
-                micro_batch: 8,
-                grad_accum: 1,
-            },
-            Preset::Paper => PresetValues {
-                pool_limit: None,
-                max_len: 2048,
-                target_max_len: 2048,
-                budget: Budget::Count(8192),
-                u_size: 4096,
-                rounds: 4,
-                lora: LoraConfig {
-                    rank: 256,
-                    alpha: 32.0,
-                    dropout: 0.2,
-                    targets,
-                    seed: 0,
-                },
-                lr: 2e-5,
-                micro_batch: 8,
-                grad_accum: 4,
-            },
-        }
-    }
-}
+pub use crate::preset::{Preset, PresetValues, TovDefaults};
 
 /// One `select` run.
 #[derive(Debug, Clone)]
