@@ -1,87 +1,204 @@
 //! `select`: one selection method end to end, writing the run-folder contract
 //! (`selection.jsonl`, `scores.parquet`, `summary.json`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use dsel_basetrain::FinetuneConfig;
 use dsel_ingest::{SubsetOptions, TargetSpec};
 use dsel_select::{output, Budget, RunSummary, ScoreRow, Transform};
 use dsel_store::Artifact;
-use dsel_sweep::{SweepConfig, SweepResult};
+use dsel_sweep::SweepConfig;
 use dsel_tokenize::TokenizedSet;
-use dsel_train::{AdamWConfig, TrainConfig};
 use dsel_valtune::ValtuneConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::tov::{self, TovConfig, TovVariant};
+use crate::tov::TovVariant;
 use crate::Pipeline;
 
-/// A selection method.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
-pub enum Method {
-    /// ToV Method A (the paper's main method; base chain never sees the target, shared across targets).
-    Tov,
-    /// ToV Method B (θ_val fed back into the base chain each round).
-    TovB,
-    /// Uniform random sample of the pool.
-    Random,
-    /// Max-Uncertainty ψ under the base model.
-    MaxUncertainty,
-    /// Highest completion-only loss under the base model.
-    MaxLoss,
-    /// Largest per-example LoRA gradient norm at a fresh adapter (B = 0, so ‖∇B‖).
-    GradNorm,
-    /// BM25 of each pool example against the target examples (best match).
-    Bm25,
-    /// DSIR: hashed n-gram importance weights, importance resampling.
-    Dsir,
-    /// RDS: cosine of last-token hidden states, max over subtasks of the mean over the subtask.
-    Rds,
-    /// LESS: projected Adam-preconditioned LoRA gradients matched to the target's.
-    Less,
+mod bm25;
+mod dsir;
+mod grad_norm;
+mod less;
+mod max_loss;
+mod max_uncertainty;
+mod random;
+mod rds;
+mod tov;
+
+/// One selection method: given the tokenized pool and target, score the
+/// pool and choose `n_select` rows. Each method is one file in
+/// `methods/`, listed once in the [`registry!`] table below; `select`
+/// writes the run folder around it.
+pub trait SelectionMethod: Sync {
+    /// Scores the pool and chooses the selection.
+    fn select(&self, p: &mut Pipeline, inputs: &Inputs) -> Result<Scored>;
+
+    /// Writes method-specific files into the run folder (LESS: `sorted.csv`).
+    fn write_extra(&self, _out: &Path, _inputs: &Inputs, _scores: &[f64]) -> Result<()> {
+        Ok(())
+    }
+
+    /// Why a selection can fall short of the budget, for the warning.
+    fn shortfall_hint(&self) -> &'static str {
+        ""
+    }
+
+    /// Whether the control-corrected score (`--tov-control`) applies.
+    fn takes_control(&self) -> bool {
+        false
+    }
+
+    /// Rejects the method's own options that cannot work, naming the
+    /// command-line option (the shared ones are checked by
+    /// [`SelectRequest::validate`]).
+    fn validate(&self, _req: &SelectRequest) -> Result<()> {
+        Ok(())
+    }
 }
 
-impl Method {
-    /// All methods, in the order listed to users.
-    pub const ALL: [Method; 10] = [
-        Method::Tov,
-        Method::TovB,
-        Method::Random,
-        Method::MaxUncertainty,
-        Method::MaxLoss,
-        Method::GradNorm,
-        Method::Bm25,
-        Method::Dsir,
-        Method::Rds,
-        Method::Less,
-    ];
+/// What every method is given.
+pub struct Inputs<'a> {
+    /// The request.
+    pub req: &'a SelectRequest,
+    /// The ingested pool.
+    pub pool_ing: &'a Artifact,
+    /// The tokenized pool.
+    pub pool_tok: &'a Artifact,
+    /// The tokenized pool, open.
+    pub pool_set: &'a TokenizedSet,
+    /// The ingested target (validation examples).
+    pub target_ing: &'a Artifact,
+    /// The tokenized target.
+    pub target_tok: &'a Artifact,
+    /// How many pool rows to select.
+    pub n_select: usize,
+}
 
-    /// The CLI name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Tov => "tov",
-            Method::TovB => "tov-b",
-            Method::Random => "random",
-            Method::MaxUncertainty => "max-uncertainty",
-            Method::MaxLoss => "max-loss",
-            Method::GradNorm => "grad-norm",
-            Method::Bm25 => "bm25",
-            Method::Dsir => "dsir",
-            Method::Rds => "rds",
-            Method::Less => "less",
+impl Inputs<'_> {
+    /// Every pool row.
+    pub fn all(&self) -> Vec<usize> {
+        (0..self.pool_set.len()).collect()
+    }
+
+    /// Sequence lengths of the pool rows.
+    pub fn lengths(&self) -> Vec<u32> {
+        self.pool_set.index.iter().map(|r| r.n_tokens).collect()
+    }
+
+    /// The pool rows' texts and the target examples' texts (those that
+    /// survived tokenization), for the text baselines.
+    pub fn texts(&self, p: &mut Pipeline) -> Result<(Vec<String>, Vec<String>)> {
+        let pool_examples = p.examples(self.pool_ing)?;
+        let target_set = TokenizedSet::open(self.target_tok.dir())?;
+        let all_targets = p.examples(self.target_ing)?;
+        let docs = self
+            .pool_set
+            .index
+            .iter()
+            .map(|r| crate::baselines::text(&pool_examples[r.row as usize]))
+            .collect();
+        let queries = target_set
+            .index
+            .iter()
+            .map(|r| crate::baselines::text(&all_targets[r.row as usize]))
+            .collect();
+        Ok((docs, queries))
+    }
+}
+
+/// What a method returns.
+pub struct Scored {
+    /// Score per pool row (NaN where the method does not score it).
+    pub scores: Vec<f64>,
+    /// The selection, best first.
+    pub order: Vec<usize>,
+    /// Per-round scores per pool row (ToV), empty otherwise.
+    pub rounds: Vec<Vec<f64>>,
+    /// The method's configuration, recorded in `summary.json`.
+    pub config: serde_json::Value,
+}
+
+impl Scored {
+    /// The `n_select` best rows by `scores`.
+    pub fn top(scores: Vec<f64>, x: &Inputs, config: serde_json::Value) -> Self {
+        let order = dsel_select::top_n(&scores, &x.all(), x.n_select);
+        Scored {
+            scores,
+            order,
+            rounds: Vec::new(),
+            config,
         }
     }
+}
+
+/// The method table: `Variant => "cli-name", implementation;` with its
+/// description. It defines [`Method`] (the CLI's `--method` values, in this
+/// order) and its dispatch.
+macro_rules! registry {
+    ($( $(#[doc = $doc:literal])* $variant:ident => $name:literal, $imp:expr; )*) => {
+        /// A selection method (see [`SelectionMethod`]).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+        pub enum Method {
+            $(
+                $(#[doc = $doc])*
+                #[serde(rename = $name)]
+                #[cfg_attr(feature = "clap", value(name = $name))]
+                $variant,
+            )*
+        }
+
+        impl Method {
+            /// All methods, in the order listed to users.
+            pub const ALL: &'static [Method] = &[$(Method::$variant),*];
+
+            /// The CLI name.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Method::$variant => $name,)*
+                }
+            }
+
+            /// The implementation.
+            pub fn implementation(self) -> &'static dyn SelectionMethod {
+                match self {
+                    $(Method::$variant => &$imp,)*
+                }
+            }
+        }
+    };
+}
+
+registry! {
+    /// ToV Method A (the paper's main method; base chain never sees the target, shared across targets).
+    Tov => "tov", tov::Tov(TovVariant::A);
+    /// ToV Method B (θ_val fed back into the base chain each round).
+    TovB => "tov-b", tov::Tov(TovVariant::B);
+    /// Uniform random sample of the pool.
+    Random => "random", random::Random;
+    /// Max-Uncertainty ψ under the base model.
+    MaxUncertainty => "max-uncertainty", max_uncertainty::MaxUncertainty;
+    /// Highest completion-only loss under the base model.
+    MaxLoss => "max-loss", max_loss::MaxLoss;
+    /// Largest per-example LoRA gradient norm at a fresh adapter (B = 0, so ‖∇B‖).
+    GradNorm => "grad-norm", grad_norm::GradNorm;
+    /// BM25 of each pool example against the target examples (best match).
+    Bm25 => "bm25", bm25::Bm25;
+    /// DSIR: hashed n-gram importance weights, importance resampling.
+    Dsir => "dsir", dsir::Dsir;
+    /// RDS: cosine of last-token hidden states, max over subtasks of the mean over the subtask.
+    Rds => "rds", rds::Rds;
+    /// LESS: projected Adam-preconditioned LoRA gradients matched to the target's.
+    Less => "less", less::Less;
 }
 
 impl std::str::FromStr for Method {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         Method::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .find(|m| m.name() == s)
             .ok_or_else(|| {
                 let names: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
@@ -165,22 +282,7 @@ impl SelectRequest {
     /// Rejects options that would make every score 0 or select nothing
     /// useful, naming the command-line option.
     pub fn validate(&self) -> Result<()> {
-        let tov = matches!(self.method, Method::Tov | Method::TovB);
-        if tov {
-            anyhow::ensure!(
-                self.valtune.epochs >= 1,
-                "--val-epochs must be at least 1: 0 epochs leaves θ_val = θ_bas and every ToV score 0"
-            );
-            anyhow::ensure!(
-                self.valtune.lr_ratio.is_finite() && self.valtune.lr_ratio > 0.0,
-                "--val-lr-ratio must be positive, got {}: the validation fine-tune would not move and every ToV score would be 0",
-                self.valtune.lr_ratio
-            );
-            anyhow::ensure!(
-                self.values.rounds >= 1,
-                "--rounds must be at least 1, got 0"
-            );
-        }
+        self.method.implementation().validate(self)?;
         anyhow::ensure!(
             self.values.lr.is_finite() && self.values.lr > 0.0,
             "--lr must be positive, got {}: fine-tuning at rate 0 leaves the model unchanged (every ToV score 0)",
@@ -358,174 +460,27 @@ pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<Sele
         req.truncation,
     )?;
     let lengths: Vec<u32> = pool_set.index.iter().map(|r| r.n_tokens).collect();
-    let all: Vec<usize> = (0..n).collect();
-
-    let mut round_scores: Vec<Vec<f64>> = Vec::new();
-    let (scores, order, config) = match req.method {
-        Method::Tov | Method::TovB => {
-            let v = &req.values;
-            let cfg = TovConfig {
-                variant: if req.method == Method::Tov {
-                    TovVariant::A
-                } else {
-                    TovVariant::B
-                },
-                u_size: v.u_size,
-                rounds: v.rounds,
-                base: FinetuneConfig {
-                    lora: v.lora.clone(),
-                    train: TrainConfig {
-                        epochs: 1,
-                        lr: v.lr,
-                        warmup_ratio: 0.03,
-                        micro_batch: v.micro_batch,
-                        grad_accum: v.grad_accum,
-                        seed: req.seed,
-                        shuffle: true,
-                        max_grad_norm: Some(1.0),
-                        checkpoint_every_steps: Some(8),
-                        adam: AdamWConfig::default(),
-                        schedule: Default::default(),
-                    },
-                    save_epochs: false,
-                    group_by_length: req.preset == Preset::Cpu,
-                },
-                valtune: req.valtune.clone(),
-                transform: req.transform,
-                seed: req.seed,
-                control: req.control,
-            };
-            let s = tov::score(p, &pool_tok, &target_tok, &cfg, &req.sweep)?;
-            let scored: Vec<usize> = (0..n).filter(|i| s.u.binary_search(i).is_err()).collect();
-            let completion_lengths: Vec<u32>;
-            let bin_lengths: &[u32] = match req.bin_by {
-                BinBy::Completion => {
-                    completion_lengths = pool_set.index.iter().map(|r| r.n_labels).collect();
-                    &completion_lengths
-                }
-                BinBy::Sequence => &lengths,
-            };
-            let order = match req.rule {
-                SelectionRule::ScoreRandom => dsel_select::score_plus_random(
-                    &s.scores,
-                    bin_lengths,
-                    &scored,
-                    &s.u,
-                    n_select,
-                    req.n_bins,
-                    req.seed,
-                ),
-                SelectionRule::ScoreOnly => {
-                    dsel_select::binned_top(&s.scores, bin_lengths, &scored, n_select, req.n_bins)
-                }
-            };
-            round_scores = s.rounds;
-            let config = serde_json::json!({"tov": cfg, "rule": req.rule, "n_bins": req.n_bins, "bin_by": req.bin_by, "sweep": req.sweep,
-                                            "max_len": req.values.max_len});
-            (s.scores, order, config)
-        }
-        Method::Random => {
-            let order = dsel_select::random_n(&all, n_select, req.seed);
-            (
-                vec![f64::NAN; n],
-                order,
-                serde_json::json!({"max_len": req.values.max_len}),
-            )
-        }
-        Method::MaxUncertainty => {
-            let sw = p.sweep("base model", &pool_tok, None, &req.sweep)?;
-            let sw = SweepResult::open(sw.dir())?;
-            let mask: Vec<u8> = (0..n)
-                .flat_map(|i| pool_set.example(i).1.iter().copied())
-                .collect();
-            let psi = dsel_select::max_uncertainty(sw.logp()?, &mask, pool_set.offsets());
-            let order = dsel_select::top_n(&psi, &all, n_select);
-            (
-                psi,
-                order,
-                serde_json::json!({"sweep": req.sweep, "max_len": req.values.max_len}),
-            )
-        }
-        Method::MaxLoss => {
-            let sw = p.sweep("base model", &pool_tok, None, &req.sweep)?;
-            let loss: Vec<f64> = SweepResult::open(sw.dir())?
-                .loss()?
-                .iter()
-                .map(|&x| x as f64)
-                .collect();
-            let order = dsel_select::top_n(&loss, &all, n_select);
-            (
-                loss,
-                order,
-                serde_json::json!({"sweep": req.sweep, "max_len": req.values.max_len}),
-            )
-        }
-        Method::GradNorm => {
-            let norms = crate::baselines::grad_norms(p, &pool_tok, &req.values.lora, &req.sweep)?;
-            let order = dsel_select::top_n(&norms, &all, n_select);
-            (
-                norms,
-                order,
-                serde_json::json!({"lora": req.values.lora, "max_len": req.values.max_len}),
-            )
-        }
-        Method::Bm25 | Method::Dsir => {
-            let pool_examples = p.examples(&pool_ing)?;
-            // Only the target examples that survived tokenization (those with a completion).
-            let target_set = TokenizedSet::open(target_tok.dir())?;
-            let all_targets = p.examples(&target_ing)?;
-            let target_examples: Vec<dsel_ingest::Example> = target_set
-                .index
-                .iter()
-                .map(|r| all_targets[r.row as usize].clone())
-                .collect();
-            let docs: Vec<String> = pool_set
-                .index
-                .iter()
-                .map(|r| crate::baselines::text(&pool_examples[r.row as usize]))
-                .collect();
-            let queries: Vec<String> = target_examples.iter().map(crate::baselines::text).collect();
-            if req.method == Method::Bm25 {
-                let s = dsel_baselines::Bm25::new(&docs).max_scores(&queries);
-                let order = dsel_select::top_n(&s, &all, n_select);
-                (s, order, serde_json::json!({"k1": 1.2, "b": 0.75}))
-            } else {
-                let d = dsel_baselines::Dsir::fit(&queries, &docs, 10_000);
-                let w = d.log_weights(&docs);
-                let order = dsel_baselines::importance_resample(&w, n_select, req.seed);
-                (
-                    w,
-                    order,
-                    serde_json::json!({"buckets": 10_000, "ngrams": [1, 2]}),
-                )
-            }
-        }
-        Method::Less => {
-            let cfg = req.preset.less(req.seed);
-            let s = crate::less::score(p, &pool_tok, &target_tok, &cfg)?;
-            let order = dsel_select::top_n(&s.scores, &all, n_select);
-            (
-                s.scores,
-                order,
-                serde_json::json!({"less": cfg, "report": s.report, "max_len": req.values.max_len}),
-            )
-        }
-        Method::Rds => {
-            let s = crate::baselines::rds_scores(p, &pool_tok, &target_tok, &req.sweep)?;
-            let order = dsel_select::top_n(&s, &all, n_select);
-            (s, order, serde_json::json!({"max_len": req.values.max_len}))
-        }
+    let imp = req.method.implementation();
+    let inputs = Inputs {
+        req,
+        pool_ing: &pool_ing,
+        pool_tok: &pool_tok,
+        pool_set: &pool_set,
+        target_ing: &target_ing,
+        target_tok: &target_tok,
+        n_select,
     };
+    let Scored {
+        scores,
+        order,
+        rounds: round_scores,
+        config,
+    } = imp.select(p, &inputs)?;
 
     // Outputs.
     std::fs::create_dir_all(&req.out_dir)
         .with_context(|| format!("creating {}", req.out_dir.display()))?;
-    if req.method == Method::Less {
-        let ids: Vec<String> = pool_set.index.iter().map(|r| r.id.clone()).collect();
-        crate::less::write_sorted_csv(&req.out_dir.join("sorted.csv"), &ids, &scores)?;
-    }
-    std::fs::create_dir_all(&req.out_dir)
-        .with_context(|| format!("creating {}", req.out_dir.display()))?;
+    imp.write_extra(&req.out_dir, &inputs, &scores)?;
     let examples = p.examples(&pool_ing)?;
     let mut rank_of = vec![None; n];
     for (r, &i) in order.iter().enumerate() {
@@ -574,11 +529,7 @@ pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<Sele
             req.budget,
             req.method.name(),
             order.len(),
-            if matches!(req.method, Method::Tov | Method::TovB) {
-                ", or the candidates outside U plus U's random half,"
-            } else {
-                ""
-            }
+            imp.shortfall_hint()
         );
     }
     let summary = RunSummary {

@@ -50,7 +50,7 @@ impl std::str::FromStr for QualityMethod {
             None => (s, false),
         };
         let method: Method = base.parse()?;
-        if control && !matches!(method, Method::Tov | Method::TovB) {
+        if control && !method.implementation().takes_control() {
             return Err(format!("{s}: +control applies to tov and tov-b only"));
         }
         Ok(QualityMethod {
@@ -294,7 +294,7 @@ pub fn run(
                     variants: Vec::new(),
                     rule_lifts: Vec::new(),
                 };
-                let run = if matches!(m.method, Method::Tov | Method::TovB) {
+                let run = if m.method.implementation().takes_control() {
                     let v = tov_variants(p, &o.summary.stages, &o.rows, &source)?;
                     let rules = v.rules(&o.rows, &req, run.selected, &source);
                     let pool_share = run.pool_share().max(1e-12);

@@ -401,7 +401,7 @@ fn a_target_without_a_usable_example_fails_every_method_naming_the_file_and_the_
             .collect::<String>(),
     )
     .unwrap();
-    for m in Method::ALL {
+    for &m in Method::ALL {
         let req = request(tmp.path(), &empty, m, 1, m.name());
         let mut p = Pipeline::new(&cache, &data_root()).unwrap();
         let err = methods::select(&mut p, &req).expect_err(m.name());
