@@ -19,6 +19,7 @@ pub mod llama2c;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod random;
 pub mod rng;
 
 pub use batch::{longest_first, plan_token_batches, Batch, Mode};
@@ -27,6 +28,7 @@ pub use dsel_kernels::Precision;
 pub use hf::load_hf;
 pub use lora::{LoraConfig, LORA_TARGETS};
 pub use model::{LoraCapture, Model, PerExampleGrads, LORA_META_KEY};
+pub use random::random_weights;
 
 use std::collections::HashMap;
 use std::path::Path;

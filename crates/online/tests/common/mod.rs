@@ -1,10 +1,8 @@
 //! Tiny random models and data for the online-selection tests.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
-
 use candle_core::{DType, Device, Tensor};
-use dsel_model::rng::{hash_words, unit_f64};
+use dsel_model::rng::hash_words;
 use dsel_model::{Batch, LlamaConfig, LoraConfig, Model, RawModel};
 
 /// A tiny GQA config.
@@ -27,63 +25,9 @@ pub fn tiny_config(vocab: usize) -> LlamaConfig {
     }
 }
 
-fn rand_tensor(
-    seed: u64,
-    tag: u64,
-    shape: &[usize],
-    center: f64,
-    scale: f64,
-    dtype: DType,
-) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n)
-        .map(|i| center + scale * (2.0 * unit_f64(hash_words(seed, &[tag, i as u64])) - 1.0))
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
-}
-
 /// Random HF-named weights for `cfg`.
 pub fn tiny_raw(cfg: &LlamaConfig, seed: u64, dtype: DType) -> RawModel {
-    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let qd = cfg.num_attention_heads * cfg.head_dim;
-    let kvd = cfg.num_key_value_heads * cfg.head_dim;
-    let mut t = HashMap::new();
-    let mut tag = 0u64;
-    let mut add = |name: String, shape: &[usize], center: f64, scale: f64| {
-        tag += 1;
-        t.insert(name, rand_tensor(seed, tag, shape, center, scale, dtype));
-    };
-    add("model.embed_tokens.weight".into(), &[v, h], 0.0, 1.0);
-    for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        add(format!("{p}.self_attn.q_proj.weight"), &[qd, h], 0.0, 0.4);
-        add(format!("{p}.self_attn.k_proj.weight"), &[kvd, h], 0.0, 0.4);
-        add(format!("{p}.self_attn.v_proj.weight"), &[kvd, h], 0.0, 0.4);
-        add(format!("{p}.self_attn.o_proj.weight"), &[h, qd], 0.0, 0.4);
-        add(format!("{p}.mlp.gate_proj.weight"), &[i, h], 0.0, 0.4);
-        add(format!("{p}.mlp.up_proj.weight"), &[i, h], 0.0, 0.4);
-        add(format!("{p}.mlp.down_proj.weight"), &[h, i], 0.0, 0.4);
-        add(format!("{p}.input_layernorm.weight"), &[h], 1.0, 0.3);
-        add(
-            format!("{p}.post_attention_layernorm.weight"),
-            &[h],
-            1.0,
-            0.3,
-        );
-    }
-    add("model.norm.weight".into(), &[h], 1.0, 0.3);
-    add("lm_head.weight".into(), &[v, h], 0.0, 0.5);
-    RawModel {
-        config: cfg.clone(),
-        tensors: t,
-        tokenizer: None,
-        chat_template: None,
-        bos_token: None,
-        eos_token: None,
-    }
+    dsel_model::random_weights(cfg, seed, dtype)
 }
 
 /// LoRA config on the given targets.
@@ -113,7 +57,14 @@ pub fn tiny_model(vocab: usize, dtype: DType, rank: usize, seed: u64) -> Model {
 pub fn randomise_b(m: &Model, seed: u64) {
     for (j, (name, var)) in m.lora_params().into_iter().enumerate() {
         if name.ends_with("lora_b") {
-            let t = rand_tensor(seed, j as u64, var.dims(), 0.0, 0.3, var.dtype());
+            let t = dsel_model::random::random_tensor(
+                seed,
+                j as u64,
+                var.dims(),
+                0.0,
+                0.3,
+                var.dtype(),
+            );
             var.set(&t).unwrap();
         }
     }
