@@ -248,3 +248,59 @@ fn bad_options_are_usage_errors_that_list_the_values() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o.stderr).contains("3/3"), "{}", text(&o.stderr));
 }
+
+#[test]
+fn bench_runs_a_random_init_model_from_a_shipped_config_shape() {
+    // A tiny shape in the shipped configs' format (the real ones are
+    // pipelines/models/*.json; a 1B model is too slow for a unit test).
+    let tmp = tempfile::tempdir().unwrap();
+    let shipped: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../pipelines/models/llama-3.2-1b.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(shipped["hidden_size"], 2048);
+    let mut tiny = shipped.clone();
+    for (k, v) in [
+        ("vocab_size", 512),
+        ("hidden_size", 64),
+        ("intermediate_size", 128),
+        ("num_hidden_layers", 2),
+        ("num_attention_heads", 4),
+        ("num_key_value_heads", 2),
+        ("head_dim", 16),
+    ] {
+        tiny[k] = v.into();
+    }
+    let cfg = tmp.path().join("tiny.json");
+    std::fs::write(&cfg, tiny.to_string()).unwrap();
+    let stdout = ok(
+        tmp.path(),
+        &[
+            "bench",
+            "--config",
+            &s(&cfg),
+            "--only",
+            "forward",
+            "--reps",
+            "1",
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--precisions",
+            "f32",
+        ],
+    );
+    assert!(
+        stdout.contains("random-init model") && stdout.contains("2 layers"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.to_lowercase().contains("tok"),
+        "a throughput line: {stdout}"
+    );
+}

@@ -25,6 +25,11 @@ pub struct BenchArgs {
     /// Model to benchmark.
     #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     model: PathBuf,
+    /// Benchmark a randomly initialised model of this shape instead (a
+    /// Hugging Face `config.json`, e.g. pipelines/models/llama-3.2-1b.json):
+    /// throughput does not depend on the weights, so nothing is downloaded.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Sequences per batch.
     #[arg(long, default_value_t = 8)]
     batch: usize,
@@ -208,8 +213,21 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         }
     }
 
-    let raw = dsel_model::load(&a.model, &dev)
-        .with_context(|| format!("loading {}", a.model.display()))?;
+    let raw = match &a.config {
+        Some(path) => {
+            let cfg = dsel_model::hf::parse_config(path)?;
+            println!(
+                "random-init model of {}: {} layers, hidden {}, vocab {}",
+                path.display(),
+                cfg.num_hidden_layers,
+                cfg.hidden_size,
+                cfg.vocab_size
+            );
+            dsel_model::random_weights(&cfg, 0, candle_core::DType::F32)
+        }
+        None => dsel_model::load(&a.model, &dev)
+            .with_context(|| format!("loading {}", a.model.display()))?,
+    };
     let tokens = a.batch * a.seq;
     for &p in &precisions {
         let mut model = Model::new(&raw)?;
