@@ -331,7 +331,7 @@ pub fn run(
 /// Δ_t = log p_val − log p_bas (and Δ_ctl of the control fine-tune, when the
 /// run had one):
 ///
-/// * `mean` (the default, F = identity), `mean|Δ|` (F = abs), `mean relu`;
+/// * `mean` (the default, F = identity), `mean abs` (F = abs), `mean relu`;
 /// * `mean, no last 2` — the last two label tokens (the end-of-turn marker of
 ///   a chat template) left out, `last 2 only`;
 /// * `sum` — Σ_t instead of the mean (mostly completion length);
@@ -380,7 +380,7 @@ pub fn tov_variants(
     }
     let mut variants: Vec<Variant> = vec![
         ("mean", |d, _| m(d)),
-        ("mean|Δ|", |d, _| {
+        ("mean abs", |d, _| {
             m(&d.iter().map(|x| x.abs()).collect::<Vec<_>>())
         }),
         ("mean relu", |d, _| {
