@@ -3,10 +3,9 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp};
 use dsel_eval::*;
 use dsel_ingest::{load_target_test, Example, Message, TargetSpec, TaskName};
-use dsel_model::rng::{hash_words, unit_f64};
 use dsel_model::{Batch, LlamaConfig, Mode, Model, RawModel};
 use dsel_tokenize::ChatFormat;
 use tokenizers::Tokenizer;
@@ -42,13 +41,8 @@ fn tiny_model(seed: u64) -> Model {
     let mut tag = 0u64;
     let mut add = |name: String, shape: &[usize], center: f64, scale: f64| {
         tag += 1;
-        let n: usize = shape.iter().product();
-        let vals: Vec<f32> = (0..n)
-            .map(|k| {
-                (center + scale * (2.0 * unit_f64(hash_words(seed, &[tag, k as u64])) - 1.0)) as f32
-            })
-            .collect();
-        t.insert(name, Tensor::from_vec(vals, shape, &Device::Cpu).unwrap());
+        let w = dsel_model::random::random_tensor(seed, tag, shape, center, scale, DType::F32);
+        t.insert(name, w);
     };
     add("model.embed_tokens.weight".into(), &[v, h], 0.0, 1.0);
     for l in 0..cfg.num_hidden_layers {
