@@ -481,14 +481,11 @@ impl TovVariants {
             methods::BinBy::Completion => &self.completion_lengths,
             methods::BinBy::Sequence => &sequence,
         };
+        // U (unscored) and the candidates are the same for every score.
+        let (u, scored): (Vec<usize>, Vec<usize>) =
+            (0..rows.len()).partition(|&i| rows[i].score.is_nan());
         let mut out = Vec::new();
         for (name, scores) in &self.scores {
-            let u: Vec<usize> = (0..rows.len())
-                .filter(|&i| rows[i].score.is_nan())
-                .collect();
-            let scored: Vec<usize> = (0..rows.len())
-                .filter(|&i| !rows[i].score.is_nan())
-                .collect();
             for (rule, random_half, bins) in RULE_VARIANTS {
                 let n_bins = bins.unwrap_or(req.n_bins);
                 let order = if random_half {
