@@ -65,30 +65,74 @@ fn row_max<T: Real>(row: &[T], bias: Option<&[T]>) -> T {
     m
 }
 
+/// The [`Real`] items that are the same for every float: constants,
+/// arithmetic and the conversions through f64 (`as` is exact for f64 and
+/// rounds to nearest for f32).
+macro_rules! real_arith {
+    ($t:ident) => {
+        const NEG_INF: $t = $t::NEG_INFINITY;
+        const ZERO: $t = 0.0;
+        fn add(self, o: $t) -> $t {
+            self + o
+        }
+        fn sub(self, o: $t) -> $t {
+            self - o
+        }
+        fn mul(self, o: $t) -> $t {
+            self * o
+        }
+        fn div(self, o: $t) -> $t {
+            self / o
+        }
+        fn ln(self) -> $t {
+            $t::ln(self)
+        }
+        fn to_f64(self) -> f64 {
+            self as f64
+        }
+        fn from_f64(v: f64) -> $t {
+            v as $t
+        }
+    };
+}
+
+/// The [`Real`] items that move a `Vec<$t>` in and out of its
+/// `CpuStorage::$variant`.
+macro_rules! real_storage {
+    ($t:ident, $variant:ident) => {
+        fn wrap(v: Vec<$t>) -> CpuStorage {
+            CpuStorage::$variant(v)
+        }
+        fn slice(s: &CpuStorage) -> Option<&[$t]> {
+            match s {
+                CpuStorage::$variant(v) => Some(v),
+                _ => None,
+            }
+        }
+    };
+}
+
+/// Runs `$body` with the type alias `$T` set to the float type of storage
+/// `$s` (f32 or f64) and wraps the `Vec<$T>` it returns back into a
+/// `CpuStorage`; any other dtype is an error naming `$what`.
+macro_rules! by_float {
+    ($s:expr, $what:expr, $T:ident => $body:expr) => {
+        match $s {
+            CpuStorage::F32(_) => {
+                type $T = f32;
+                <$T as Real>::wrap($body)
+            }
+            CpuStorage::F64(_) => {
+                type $T = f64;
+                <$T as Real>::wrap($body)
+            }
+            _ => candle_core::bail!("{}: f32 or f64 only", $what),
+        }
+    };
+}
+
 impl Real for f64 {
-    const NEG_INF: f64 = f64::NEG_INFINITY;
-    const ZERO: f64 = 0.0;
-    fn add(self, o: f64) -> f64 {
-        self + o
-    }
-    fn sub(self, o: f64) -> f64 {
-        self - o
-    }
-    fn mul(self, o: f64) -> f64 {
-        self * o
-    }
-    fn div(self, o: f64) -> f64 {
-        self / o
-    }
-    fn ln(self) -> f64 {
-        f64::ln(self)
-    }
-    fn to_f64(self) -> f64 {
-        self
-    }
-    fn from_f64(v: f64) -> f64 {
-        v
-    }
+    real_arith!(f64);
     fn sum_exp(row: &[f64], bias: Option<&[f64]>, m: f64) -> f64 {
         match bias {
             Some(b) => row.iter().zip(b).map(|(&x, &y)| (x + y - m).exp()).sum(),
@@ -109,15 +153,7 @@ impl Real for f64 {
             *o = -g * (x - lse).exp();
         }
     }
-    fn wrap(v: Vec<f64>) -> CpuStorage {
-        CpuStorage::F64(v)
-    }
-    fn slice(s: &CpuStorage) -> Option<&[f64]> {
-        match s {
-            CpuStorage::F64(v) => Some(v),
-            _ => None,
-        }
-    }
+    real_storage!(f64, F64);
 }
 
 /// Branch-free `exp` for f32 that the compiler vectorises: `2ⁿ·p(r)` with
@@ -249,29 +285,7 @@ dispatch!(exp_into_f32, (row: &[f32], bias: Option<&[f32]>, m: f32, out: &mut [f
 dispatch!(neg_scaled_exp_f32, (row: &[f32], lse: f32, g: f32, out: &mut [f32]) -> (), neg_scaled_exp_f32_body);
 
 impl Real for f32 {
-    const NEG_INF: f32 = f32::NEG_INFINITY;
-    const ZERO: f32 = 0.0;
-    fn add(self, o: f32) -> f32 {
-        self + o
-    }
-    fn sub(self, o: f32) -> f32 {
-        self - o
-    }
-    fn mul(self, o: f32) -> f32 {
-        self * o
-    }
-    fn div(self, o: f32) -> f32 {
-        self / o
-    }
-    fn ln(self) -> f32 {
-        f32::ln(self)
-    }
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    fn from_f64(v: f64) -> f32 {
-        v as f32
-    }
+    real_arith!(f32);
     fn sum_exp(row: &[f32], bias: Option<&[f32]>, m: f32) -> f32 {
         sum_exp_f32(row, bias, m)
     }
@@ -281,15 +295,7 @@ impl Real for f32 {
     fn neg_scaled_exp(row: &[f32], lse: f32, g: f32, out: &mut [f32]) {
         neg_scaled_exp_f32(row, lse, g, out)
     }
-    fn wrap(v: Vec<f32>) -> CpuStorage {
-        CpuStorage::F32(v)
-    }
-    fn slice(s: &CpuStorage) -> Option<&[f32]> {
-        match s {
-            CpuStorage::F32(v) => Some(v),
-            _ => None,
-        }
-    }
+    real_storage!(f32, F32);
 }
 
 /// The contiguous data of a storage/layout pair, or an error.
@@ -340,29 +346,46 @@ fn rows_per_task(rows: usize, width: usize) -> usize {
     rows.div_ceil(threads * 4).max(by_size).max(1)
 }
 
+/// A zeroed `rows × width` output filled in parallel by `f(r, out_row)`
+/// for each row `r`; tasks are sized for rows that read `cost` elements
+/// each. Empty when `rows` or `width` is 0.
+fn par_rows<T: Real>(
+    rows: usize,
+    width: usize,
+    cost: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
+    let mut out = vec![T::ZERO; rows * width];
+    if rows == 0 || width == 0 {
+        return out;
+    }
+    let rpt = rows_per_task(rows, cost);
+    out.par_chunks_mut(rpt * width)
+        .enumerate()
+        .for_each(|(c, o)| {
+            for (j, orow) in o.chunks_mut(width).enumerate() {
+                f(c * rpt + j, orow);
+            }
+        });
+    out
+}
+
 struct GatherLogSoftmax;
 
 fn gls_fwd<T: Real>(x: &[T], idx: &[u32], v: usize) -> Result<Vec<T>> {
-    let n = idx.len();
     if let Some(bad) = idx.iter().find(|&&i| i as usize >= v) {
         candle_core::bail!("gather_log_softmax: index {bad} out of range for {v} classes");
     }
-    let mut out = vec![T::ZERO; n];
-    let rpt = rows_per_task(n, v);
-    out.par_chunks_mut(rpt).enumerate().for_each(|(c, o)| {
-        for (j, o) in o.iter_mut().enumerate() {
-            let r = c * rpt + j;
-            let row = &x[r * v..(r + 1) * v];
-            let m = row_max(row, None);
-            let lse = if m == T::NEG_INF {
-                m
-            } else {
-                T::sum_exp(row, None, m).ln().add(m)
-            };
-            *o = row[idx[r] as usize].sub(lse);
-        }
-    });
-    Ok(out)
+    Ok(par_rows(idx.len(), 1, v, |r, o| {
+        let row = &x[r * v..(r + 1) * v];
+        let m = row_max(row, None);
+        let lse = if m == T::NEG_INF {
+            m
+        } else {
+            T::sum_exp(row, None, m).ln().add(m)
+        };
+        o[0] = row[idx[r] as usize].sub(lse);
+    }))
 }
 
 impl CustomOp2 for GatherLogSoftmax {
@@ -382,19 +405,11 @@ impl CustomOp2 for GatherLogSoftmax {
         if idx.len() != n {
             candle_core::bail!("gather_log_softmax: {} indices for {n} rows", idx.len());
         }
-        let out = match s1 {
-            CpuStorage::F32(_) => f32::wrap(gls_fwd(
-                contiguous::<f32>(s1, l1, "gather_log_softmax")?,
-                idx,
-                v,
-            )?),
-            CpuStorage::F64(_) => f64::wrap(gls_fwd(
-                contiguous::<f64>(s1, l1, "gather_log_softmax")?,
-                idx,
-                v,
-            )?),
-            _ => candle_core::bail!("gather_log_softmax: f32 or f64 only"),
-        };
+        let out = by_float!(s1, "gather_log_softmax", T => gls_fwd(
+            contiguous::<T>(s1, l1, "gather_log_softmax")?,
+            idx,
+            v,
+        )?);
         Ok((out, Shape::from(n)))
     }
 
@@ -419,21 +434,14 @@ impl CustomOp2 for GatherLogSoftmax {
 struct GatherLogSoftmaxBwd;
 
 fn gls_bwd<T: Real>(x: &[T], idx: &[u32], gr: &[T], v: usize) -> Vec<T> {
-    let n = idx.len();
-    let mut out = vec![T::ZERO; n * v];
-    let rpt = rows_per_task(n, v);
-    out.par_chunks_mut(rpt * v).enumerate().for_each(|(c, o)| {
-        for (j, orow) in o.chunks_mut(v).enumerate() {
-            let r = c * rpt + j;
-            let row = &x[r * v..(r + 1) * v];
-            let (g, res) = (gr[2 * r], gr[2 * r + 1]);
-            let k = idx[r] as usize;
-            let lse = row[k].sub(res);
-            T::neg_scaled_exp(row, lse, g, orow);
-            orow[k] = orow[k].add(g);
-        }
-    });
-    out
+    par_rows(idx.len(), v, v, |r, orow| {
+        let row = &x[r * v..(r + 1) * v];
+        let (g, res) = (gr[2 * r], gr[2 * r + 1]);
+        let k = idx[r] as usize;
+        let lse = row[k].sub(res);
+        T::neg_scaled_exp(row, lse, g, orow);
+        orow[k] = orow[k].add(g);
+    })
 }
 
 impl CustomOp3 for GatherLogSoftmaxBwd {
@@ -456,21 +464,12 @@ impl CustomOp3 for GatherLogSoftmaxBwd {
             candle_core::bail!("gather_log_softmax bwd: inconsistent shapes");
         }
         let what = "gather_log_softmax bwd";
-        let out = match s1 {
-            CpuStorage::F32(_) => f32::wrap(gls_bwd(
-                contiguous::<f32>(s1, l1, what)?,
-                idx,
-                contiguous::<f32>(s3, l3, what)?,
-                v,
-            )),
-            CpuStorage::F64(_) => f64::wrap(gls_bwd(
-                contiguous::<f64>(s1, l1, what)?,
-                idx,
-                contiguous::<f64>(s3, l3, what)?,
-                v,
-            )),
-            _ => candle_core::bail!("{what}: f32 or f64 only"),
-        };
+        let out = by_float!(s1, what, T => gls_bwd(
+            contiguous::<T>(s1, l1, what)?,
+            idx,
+            contiguous::<T>(s3, l3, what)?,
+            v,
+        ));
         Ok((out, Shape::from((n, v))))
     }
 }
@@ -499,32 +498,23 @@ struct MaskedSoftmax {
 
 fn msm_fwd<T: Real>(x: &[T], mask: Option<&[T]>, heads: usize, t: usize, s: usize) -> Vec<T> {
     let rows = x.len() / s.max(1);
-    let mut out = vec![T::ZERO; x.len()];
-    if s == 0 {
-        return out;
-    }
-    let rpt = rows_per_task(rows, s);
-    out.par_chunks_mut(rpt * s).enumerate().for_each(|(c, o)| {
-        for (j, orow) in o.chunks_mut(s).enumerate() {
-            let r = c * rpt + j;
-            let row = &x[r * s..(r + 1) * s];
-            // Row r = ((b·H + h)·T + q): its mask row is (b·T + q).
-            let bias = mask.map(|m| {
-                let (b, q) = (r / (heads * t), r % t);
-                &m[(b * t + q) * s..(b * t + q + 1) * s]
-            });
-            let mx = row_max(row, bias);
-            if mx == T::NEG_INF {
-                // Every entry −∞: leave zeros rather than NaNs.
-                continue;
-            }
-            let sum = T::exp_into(row, bias, mx, orow);
-            for v in orow.iter_mut() {
-                *v = v.div(sum);
-            }
+    par_rows(rows, s, s, |r, orow| {
+        let row = &x[r * s..(r + 1) * s];
+        // Row r = ((b·H + h)·T + q): its mask row is (b·T + q).
+        let bias = mask.map(|m| {
+            let (b, q) = (r / (heads * t), r % t);
+            &m[(b * t + q) * s..(b * t + q + 1) * s]
+        });
+        let mx = row_max(row, bias);
+        if mx == T::NEG_INF {
+            // Every entry −∞: leave zeros rather than NaNs.
+            return;
         }
-    });
-    out
+        let sum = T::exp_into(row, bias, mx, orow);
+        for v in orow.iter_mut() {
+            *v = v.div(sum);
+        }
+    })
 }
 
 impl CustomOp2 for MaskedSoftmax {
@@ -544,23 +534,13 @@ impl CustomOp2 for MaskedSoftmax {
             candle_core::bail!("masked_softmax: mask must be [B, 1, T, S]");
         }
         let what = "masked_softmax";
-        let out = match s1 {
-            CpuStorage::F32(_) => f32::wrap(msm_fwd(
-                contiguous::<f32>(s1, l1, what)?,
-                Some(contiguous::<f32>(s2, l2, what)?),
-                h,
-                t,
-                s,
-            )),
-            CpuStorage::F64(_) => f64::wrap(msm_fwd(
-                contiguous::<f64>(s1, l1, what)?,
-                Some(contiguous::<f64>(s2, l2, what)?),
-                h,
-                t,
-                s,
-            )),
-            _ => candle_core::bail!("{what}: f32 or f64 only"),
-        };
+        let out = by_float!(s1, what, T => msm_fwd(
+            contiguous::<T>(s1, l1, what)?,
+            Some(contiguous::<T>(s2, l2, what)?),
+            h,
+            t,
+            s,
+        ));
         Ok((out, l1.shape().clone()))
     }
 
@@ -591,15 +571,13 @@ impl CustomOp1 for Softmax {
         let s = *l1.dims().last().unwrap_or(&1);
         let n = l1.shape().elem_count();
         let what = "softmax";
-        let out = match s1 {
-            CpuStorage::F32(_) => {
-                f32::wrap(msm_fwd(contiguous::<f32>(s1, l1, what)?, None, 1, 1, s))
-            }
-            CpuStorage::F64(_) => {
-                f64::wrap(msm_fwd(contiguous::<f64>(s1, l1, what)?, None, 1, 1, s))
-            }
-            _ => candle_core::bail!("{what}: f32 or f64 only"),
-        };
+        let out = by_float!(s1, what, T => msm_fwd(
+            contiguous::<T>(s1, l1, what)?,
+            None,
+            1,
+            1,
+            s,
+        ));
         debug_assert_eq!(n, l1.shape().elem_count());
         Ok((out, l1.shape().clone()))
     }
@@ -617,27 +595,18 @@ impl CustomOp1 for Softmax {
 struct SoftmaxBwd;
 
 fn sm_bwd<T: Real>(y: &[T], g: &[T], s: usize) -> Vec<T> {
-    let mut out = vec![T::ZERO; y.len()];
-    if s == 0 {
-        return out;
-    }
-    let rows = y.len() / s;
-    let rpt = rows_per_task(rows, s);
-    out.par_chunks_mut(rpt * s).enumerate().for_each(|(c, o)| {
-        for (j, orow) in o.chunks_mut(s).enumerate() {
-            let r = c * rpt + j;
-            let yr = &y[r * s..(r + 1) * s];
-            let gr = &g[r * s..(r + 1) * s];
-            let mut dot = T::ZERO;
-            for (&a, &b) in yr.iter().zip(gr) {
-                dot = dot.add(a.mul(b));
-            }
-            for ((o, &a), &b) in orow.iter_mut().zip(yr).zip(gr) {
-                *o = a.mul(b.sub(dot));
-            }
+    let rows = y.len() / s.max(1);
+    par_rows(rows, s, s, |r, orow| {
+        let yr = &y[r * s..(r + 1) * s];
+        let gr = &g[r * s..(r + 1) * s];
+        let mut dot = T::ZERO;
+        for (&a, &b) in yr.iter().zip(gr) {
+            dot = dot.add(a.mul(b));
         }
-    });
-    out
+        for ((o, &a), &b) in orow.iter_mut().zip(yr).zip(gr) {
+            *o = a.mul(b.sub(dot));
+        }
+    })
 }
 
 impl CustomOp2 for SoftmaxBwd {
@@ -657,19 +626,11 @@ impl CustomOp2 for SoftmaxBwd {
         }
         let s = *l1.dims().last().unwrap_or(&1);
         let what = "softmax bwd";
-        let out = match s1 {
-            CpuStorage::F32(_) => f32::wrap(sm_bwd(
-                contiguous::<f32>(s1, l1, what)?,
-                contiguous::<f32>(s2, l2, what)?,
-                s,
-            )),
-            CpuStorage::F64(_) => f64::wrap(sm_bwd(
-                contiguous::<f64>(s1, l1, what)?,
-                contiguous::<f64>(s2, l2, what)?,
-                s,
-            )),
-            _ => candle_core::bail!("{what}: f32 or f64 only"),
-        };
+        let out = by_float!(s1, what, T => sm_bwd(
+            contiguous::<T>(s1, l1, what)?,
+            contiguous::<T>(s2, l2, what)?,
+            s,
+        ));
         Ok((out, l1.shape().clone()))
     }
 }
@@ -721,50 +682,32 @@ fn inv_rms<T: Real>(row: &[T], eps: f64) -> f64 {
 
 fn rms_fwd<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let h = w.len();
-    let mut out = vec![T::ZERO; x.len()];
-    if h == 0 {
-        return out;
-    }
-    let rpt = rows_per_task(x.len() / h, h);
-    out.par_chunks_mut(rpt * h).enumerate().for_each(|(c, o)| {
-        for (j, orow) in o.chunks_mut(h).enumerate() {
-            let r = c * rpt + j;
-            let row = &x[r * h..(r + 1) * h];
-            let inv = T::from_f64(inv_rms(row, eps));
-            for ((o, &xv), &wv) in orow.iter_mut().zip(row).zip(w) {
-                *o = xv.mul(inv).mul(wv);
-            }
+    par_rows(x.len() / h.max(1), h, h, |r, orow| {
+        let row = &x[r * h..(r + 1) * h];
+        let inv = T::from_f64(inv_rms(row, eps));
+        for ((o, &xv), &wv) in orow.iter_mut().zip(row).zip(w) {
+            *o = xv.mul(inv).mul(wv);
         }
-    });
-    out
+    })
 }
 
 /// `grad_x = r·(g⊙w − x·r²·mean(g⊙w⊙x))`, `r = 1/sqrt(mean(x²) + eps)`.
 fn rms_bwd<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
     let h = w.len();
-    let mut out = vec![T::ZERO; x.len()];
-    if h == 0 {
-        return out;
-    }
-    let rpt = rows_per_task(x.len() / h, h);
-    out.par_chunks_mut(rpt * h).enumerate().for_each(|(c, o)| {
-        for (j, orow) in o.chunks_mut(h).enumerate() {
-            let r = c * rpt + j;
-            let row = &x[r * h..(r + 1) * h];
-            let gr = &g[r * h..(r + 1) * h];
-            let inv = inv_rms(row, eps);
-            let mut dot = 0f64;
-            for ((&xv, &gv), &wv) in row.iter().zip(gr).zip(w) {
-                dot += gv.to_f64() * wv.to_f64() * xv.to_f64();
-            }
-            let coef = T::from_f64(inv * inv * inv * dot / h as f64);
-            let inv = T::from_f64(inv);
-            for (((o, &xv), &gv), &wv) in orow.iter_mut().zip(row).zip(gr).zip(w) {
-                *o = inv.mul(gv.mul(wv)).sub(xv.mul(coef));
-            }
+    par_rows(x.len() / h.max(1), h, h, |r, orow| {
+        let row = &x[r * h..(r + 1) * h];
+        let gr = &g[r * h..(r + 1) * h];
+        let inv = inv_rms(row, eps);
+        let mut dot = 0f64;
+        for ((&xv, &gv), &wv) in row.iter().zip(gr).zip(w) {
+            dot += gv.to_f64() * wv.to_f64() * xv.to_f64();
         }
-    });
-    out
+        let coef = T::from_f64(inv * inv * inv * dot / h as f64);
+        let inv = T::from_f64(inv);
+        for (((o, &xv), &gv), &wv) in orow.iter_mut().zip(row).zip(gr).zip(w) {
+            *o = inv.mul(gv.mul(wv)).sub(xv.mul(coef));
+        }
+    })
 }
 
 impl CustomOp2 for RmsNorm {
@@ -783,19 +726,11 @@ impl CustomOp2 for RmsNorm {
         if l1.dims().last() != Some(&l2.shape().elem_count()) || l2.dims().len() != 1 {
             candle_core::bail!("{what}: weight must be [H] for input [.., H]");
         }
-        let out = match s1 {
-            CpuStorage::F32(_) => f32::wrap(rms_fwd(
-                contiguous::<f32>(s1, l1, what)?,
-                contiguous::<f32>(s2, l2, what)?,
-                self.eps,
-            )),
-            CpuStorage::F64(_) => f64::wrap(rms_fwd(
-                contiguous::<f64>(s1, l1, what)?,
-                contiguous::<f64>(s2, l2, what)?,
-                self.eps,
-            )),
-            _ => candle_core::bail!("{what}: f32 or f64 only"),
-        };
+        let out = by_float!(s1, what, T => rms_fwd(
+            contiguous::<T>(s1, l1, what)?,
+            contiguous::<T>(s2, l2, what)?,
+            self.eps,
+        ));
         Ok((out, l1.shape().clone()))
     }
 
@@ -847,21 +782,12 @@ impl CustomOp3 for RmsNormBwd {
         if l1.shape() != l3.shape() {
             candle_core::bail!("{what}: shape mismatch");
         }
-        let out = match s1 {
-            CpuStorage::F32(_) => f32::wrap(rms_bwd(
-                contiguous::<f32>(s1, l1, what)?,
-                contiguous::<f32>(s2, l2, what)?,
-                contiguous::<f32>(s3, l3, what)?,
-                self.eps,
-            )),
-            CpuStorage::F64(_) => f64::wrap(rms_bwd(
-                contiguous::<f64>(s1, l1, what)?,
-                contiguous::<f64>(s2, l2, what)?,
-                contiguous::<f64>(s3, l3, what)?,
-                self.eps,
-            )),
-            _ => candle_core::bail!("{what}: f32 or f64 only"),
-        };
+        let out = by_float!(s1, what, T => rms_bwd(
+            contiguous::<T>(s1, l1, what)?,
+            contiguous::<T>(s2, l2, what)?,
+            contiguous::<T>(s3, l3, what)?,
+            self.eps,
+        ));
         Ok((out, l1.shape().clone()))
     }
 }
@@ -898,33 +824,24 @@ fn rope_kernel<T: Real>(
     d: usize,
     inverse: bool,
 ) -> Vec<T> {
-    let mut out = vec![T::ZERO; x.len()];
     let half = d / 2;
-    if d == 0 || t == 0 {
-        return out;
-    }
-    let rows = x.len() / d;
-    let rpt = rows_per_task(rows, d);
-    out.par_chunks_mut(rpt * d).enumerate().for_each(|(c, o)| {
-        for (j, orow) in o.chunks_mut(d).enumerate() {
-            let r = c * rpt + j;
-            let pos = r % t;
-            let xr = &x[r * d..(r + 1) * d];
-            let (cr, sr) = (&cos[pos * d..(pos + 1) * d], &sin[pos * d..(pos + 1) * d]);
-            let (o1, o2) = orow.split_at_mut(half);
-            for i in 0..half {
-                let (x1, x2) = (xr[i], xr[i + half]);
-                if inverse {
-                    o1[i] = x1.mul(cr[i]).add(x2.mul(sr[i + half]));
-                    o2[i] = x2.mul(cr[i + half]).sub(x1.mul(sr[i]));
-                } else {
-                    o1[i] = x1.mul(cr[i]).sub(x2.mul(sr[i]));
-                    o2[i] = x2.mul(cr[i + half]).add(x1.mul(sr[i + half]));
-                }
+    let rows = if t == 0 { 0 } else { x.len() / d.max(1) };
+    par_rows(rows, d, d, |r, orow| {
+        let pos = r % t;
+        let xr = &x[r * d..(r + 1) * d];
+        let (cr, sr) = (&cos[pos * d..(pos + 1) * d], &sin[pos * d..(pos + 1) * d]);
+        let (o1, o2) = orow.split_at_mut(half);
+        for i in 0..half {
+            let (x1, x2) = (xr[i], xr[i + half]);
+            if inverse {
+                o1[i] = x1.mul(cr[i]).add(x2.mul(sr[i + half]));
+                o2[i] = x2.mul(cr[i + half]).sub(x1.mul(sr[i]));
+            } else {
+                o1[i] = x1.mul(cr[i]).sub(x2.mul(sr[i]));
+                o2[i] = x2.mul(cr[i + half]).add(x1.mul(sr[i + half]));
             }
         }
-    });
-    out
+    })
 }
 
 impl CustomOp3 for Rope {
@@ -946,25 +863,14 @@ impl CustomOp3 for Rope {
         if l2.shape().dims2()? != (t, d) || l3.shape().dims2()? != (t, d) || d % 2 == 1 {
             candle_core::bail!("{what}: tables must be [T, D] with D even");
         }
-        let out = match s1 {
-            CpuStorage::F32(_) => f32::wrap(rope_kernel(
-                contiguous::<f32>(s1, l1, what)?,
-                contiguous::<f32>(s2, l2, what)?,
-                contiguous::<f32>(s3, l3, what)?,
-                t,
-                d,
-                self.inverse,
-            )),
-            CpuStorage::F64(_) => f64::wrap(rope_kernel(
-                contiguous::<f64>(s1, l1, what)?,
-                contiguous::<f64>(s2, l2, what)?,
-                contiguous::<f64>(s3, l3, what)?,
-                t,
-                d,
-                self.inverse,
-            )),
-            _ => candle_core::bail!("{what}: f32 or f64 only"),
-        };
+        let out = by_float!(s1, what, T => rope_kernel(
+            contiguous::<T>(s1, l1, what)?,
+            contiguous::<T>(s2, l2, what)?,
+            contiguous::<T>(s3, l3, what)?,
+            t,
+            d,
+            self.inverse,
+        ));
         Ok((out, l1.shape().clone()))
     }
 
