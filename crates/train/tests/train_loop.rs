@@ -81,6 +81,26 @@ fn mse(
     Ok(err.mean_all()?)
 }
 
+/// Trains `vars` on `p` in `dir` with the loss `mse`, which draws its
+/// dropout from the step context when `dropout` is set.
+fn train_on(
+    p: &Problem,
+    vars: &[(String, Var)],
+    c: &TrainConfig,
+    dir: &Path,
+    dropout: bool,
+    hooks: &mut dyn TrainHooks,
+) -> Result<TrainReport> {
+    train(
+        vars.to_vec(),
+        p.n,
+        c,
+        dir,
+        &mut |idx, ctx| mse(p, vars, idx, dropout.then_some(ctx)),
+        hooks,
+    )
+}
+
 fn values(t: &Tensor) -> Vec<f32> {
     t.to_dtype(DType::F32)
         .unwrap()
@@ -188,15 +208,7 @@ fn linear_regression_converges() {
     c.epochs = 40;
     c.lr = 0.1;
     c.warmup_ratio = 0.03;
-    let report = train(
-        vars.clone(),
-        p.n,
-        &c,
-        dir.path(),
-        &mut |idx, _ctx| mse(&p, &vars, idx, None),
-        &mut NoHooks,
-    )
-    .unwrap();
+    let report = train_on(&p, &vars, &c, dir.path(), false, &mut NoHooks).unwrap();
     let fin = mse(&p, &vars, &(0..p.n).collect::<Vec<_>>(), None)
         .unwrap()
         .to_scalar::<f32>()
@@ -230,15 +242,7 @@ fn resume_case(
     let dir_a = tempfile::tempdir().unwrap();
     let vars_a = fresh_vars();
     let mut hooks_a = Capture::default();
-    let rep_a = train(
-        vars_a.clone(),
-        p.n,
-        &c,
-        dir_a.path(),
-        &mut |idx, ctx| mse(&p, &vars_a, idx, Some(ctx)),
-        &mut hooks_a,
-    )
-    .unwrap();
+    let rep_a = train_on(&p, &vars_a, &c, dir_a.path(), true, &mut hooks_a).unwrap();
     assert_eq!(rep_a.resumed_from_step, None);
     assert_eq!(hooks_a.epochs_seen, vec![0, 1, 2]);
 
@@ -350,15 +354,7 @@ fn damaged_checkpoint_is_not_resumed() {
     let dir_a = tempfile::tempdir().unwrap();
     let vars_a = fresh_vars();
     let mut hooks_a = Capture::default();
-    let rep_a = train(
-        vars_a.clone(),
-        p.n,
-        &c,
-        dir_a.path(),
-        &mut |idx, ctx| mse(&p, &vars_a, idx, Some(ctx)),
-        &mut hooks_a,
-    )
-    .unwrap();
+    let rep_a = train_on(&p, &vars_a, &c, dir_a.path(), true, &mut hooks_a).unwrap();
     let full = hooks_a.last.clone().unwrap();
 
     // Same-size damage to each file of the checkpoint: a float's lowest
@@ -410,15 +406,7 @@ fn damaged_checkpoint_is_not_resumed() {
 
         let vars_b2 = fresh_vars();
         let mut hooks_b = Capture::default();
-        let rep_b = train(
-            vars_b2.clone(),
-            p.n,
-            &c,
-            dir_b.path(),
-            &mut |idx, ctx| mse(&p, &vars_b2, idx, Some(ctx)),
-            &mut hooks_b,
-        )
-        .unwrap();
+        let rep_b = train_on(&p, &vars_b2, &c, dir_b.path(), true, &mut hooks_b).unwrap();
         assert_eq!(
             rep_b.resumed_from_step, None,
             "{what}: damaged state resumed"
@@ -446,26 +434,10 @@ fn hook_can_refuse_a_resume() {
     let c = cfg(4, 1, Some(1));
     let dir = tempfile::tempdir().unwrap();
     let v1 = fresh_vars();
-    train(
-        v1.clone(),
-        p.n,
-        &c,
-        dir.path(),
-        &mut |i, x| mse(&p, &v1, i, Some(x)),
-        &mut NoHooks,
-    )
-    .unwrap();
+    train_on(&p, &v1, &c, dir.path(), true, &mut NoHooks).unwrap();
     let v2 = fresh_vars();
     let mut hooks = RejectResume(0);
-    let r = train(
-        v2.clone(),
-        p.n,
-        &c,
-        dir.path(),
-        &mut |i, x| mse(&p, &v2, i, Some(x)),
-        &mut hooks,
-    )
-    .unwrap();
+    let r = train_on(&p, &v2, &c, dir.path(), true, &mut hooks).unwrap();
     assert_eq!(hooks.0, 1);
     assert_eq!(r.resumed_from_step, None);
     assert_eq!(values(v1[0].1.as_tensor()), values(v2[0].1.as_tensor()));
@@ -514,15 +486,7 @@ fn accumulated_step_equals_full_batch_step() {
             ..TrainConfig::default()
         };
         let mut hooks = Capture::default();
-        let r = train(
-            vars.clone(),
-            p.n,
-            &c,
-            dir.path(),
-            &mut |idx, _| mse(&p, &vars, idx, None),
-            &mut hooks,
-        )
-        .unwrap();
+        let r = train_on(&p, &vars, &c, dir.path(), false, &mut hooks).unwrap();
         assert_eq!(r.steps, 1);
         assert_eq!(r.micro_steps as usize, 7usize.div_ceil(micro_batch));
         // The step loss is the mean over the 7 examples.
@@ -569,37 +533,13 @@ fn different_config_ignores_old_checkpoint() {
     c2.seed = 99;
     let dir = tempfile::tempdir().unwrap();
     let v1 = fresh_vars();
-    train(
-        v1.clone(),
-        p.n,
-        &c1,
-        dir.path(),
-        &mut |i, x| mse(&p, &v1, i, Some(x)),
-        &mut NoHooks,
-    )
-    .unwrap();
+    train_on(&p, &v1, &c1, dir.path(), true, &mut NoHooks).unwrap();
     let v2 = fresh_vars();
-    let r2 = train(
-        v2.clone(),
-        p.n,
-        &c2,
-        dir.path(),
-        &mut |i, x| mse(&p, &v2, i, Some(x)),
-        &mut NoHooks,
-    )
-    .unwrap();
+    let r2 = train_on(&p, &v2, &c2, dir.path(), true, &mut NoHooks).unwrap();
     assert_eq!(r2.resumed_from_step, None);
     let other = tempfile::tempdir().unwrap();
     let v3 = fresh_vars();
-    train(
-        v3.clone(),
-        p.n,
-        &c2,
-        other.path(),
-        &mut |i, x| mse(&p, &v3, i, Some(x)),
-        &mut NoHooks,
-    )
-    .unwrap();
+    train_on(&p, &v3, &c2, other.path(), true, &mut NoHooks).unwrap();
     assert_eq!(values(v2[0].1.as_tensor()), values(v3[0].1.as_tensor()));
     // Different initial values are a different run too.
     let v4 = fresh_vars();
@@ -607,15 +547,7 @@ fn different_config_ignores_old_checkpoint() {
         .1
         .set(&Tensor::new(&[0.5f32], &Device::Cpu).unwrap())
         .unwrap();
-    let r4 = train(
-        v4.clone(),
-        p.n,
-        &c2,
-        dir.path(),
-        &mut |i, x| mse(&p, &v4, i, Some(x)),
-        &mut NoHooks,
-    )
-    .unwrap();
+    let r4 = train_on(&p, &v4, &c2, dir.path(), true, &mut NoHooks).unwrap();
     assert_eq!(r4.resumed_from_step, None);
 }
 
@@ -628,15 +560,7 @@ fn var_without_gradient_fails_training_naming_it() {
         Var::zeros((2, 2), DType::F32, &Device::Cpu).unwrap(),
     ));
     let dir = tempfile::tempdir().unwrap();
-    let err = train(
-        vars.clone(),
-        p.n,
-        &cfg(4, 1, None),
-        dir.path(),
-        &mut |i, _| mse(&p, &vars, i, None),
-        &mut NoHooks,
-    )
-    .unwrap_err();
+    let err = train_on(&p, &vars, &cfg(4, 1, None), dir.path(), false, &mut NoHooks).unwrap_err();
     assert_eq!(
         err.downcast_ref::<TrainError>(),
         Some(&TrainError::MissingGradient {
@@ -653,15 +577,7 @@ fn bad_inputs_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = cfg(4, 1, None);
     c.micro_batch = 0;
-    let e = train(
-        vars.clone(),
-        p.n,
-        &c,
-        dir.path(),
-        &mut |i, _| mse(&p, &vars, i, None),
-        &mut NoHooks,
-    )
-    .unwrap_err();
+    let e = train_on(&p, &vars, &c, dir.path(), false, &mut NoHooks).unwrap_err();
     assert!(matches!(
         e.downcast_ref::<TrainError>(),
         Some(TrainError::InvalidConfig {
@@ -700,14 +616,6 @@ fn bad_inputs_are_errors() {
     // An index that is the bytes written but not an index names the file
     // (one that differs from its recorded blake3 is ignored instead).
     dsel_store::write_sealed(dir.path().join(CHECKPOINT_FILE), "{not json").unwrap();
-    let e = train(
-        vars.clone(),
-        p.n,
-        &c,
-        dir.path(),
-        &mut |i, _| mse(&p, &vars, i, None),
-        &mut NoHooks,
-    )
-    .unwrap_err();
+    let e = train_on(&p, &vars, &c, dir.path(), false, &mut NoHooks).unwrap_err();
     assert!(e.to_string().contains(CHECKPOINT_FILE), "{e}");
 }
