@@ -147,6 +147,17 @@ impl IngestReport {
             .or_insert(0) += 1;
     }
 
+    /// Count one file: its `read` records into the total and a row for it
+    /// with the examples it `produced`.
+    pub(crate) fn count_file(&mut self, path: String, read: u64, produced: u64) {
+        self.read += read;
+        self.files.push(FileCount {
+            path,
+            read,
+            produced,
+        });
+    }
+
     /// Total records skipped over all reasons.
     pub fn skipped(&self) -> u64 {
         self.skipped_by_reason.values().sum()

@@ -20,7 +20,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
-use crate::error::{FileCount, IngestError, IngestReport, Result};
+use crate::error::{IngestError, IngestReport, Result};
 use crate::readers::{display_path, ReadOptions};
 use crate::{Example, Message};
 
@@ -304,11 +304,6 @@ pub(crate) fn read_examples_parquet_counted(
         read += batch.num_rows() as u64;
         row0 += batch.num_rows() as u64;
     }
-    report.read += read;
-    report.files.push(FileCount {
-        path: rel.clone(),
-        read,
-        produced: out.len() as u64,
-    });
+    report.count_file(rel.clone(), read, out.len() as u64);
     Ok(out)
 }

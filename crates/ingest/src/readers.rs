@@ -26,7 +26,7 @@ use std::str::FromStr;
 
 use serde_json::{Map, Value};
 
-use crate::error::{FileCount, IngestError, IngestReport, Result};
+use crate::error::{IngestError, IngestReport, Result};
 use crate::{Example, Message};
 
 /// The end-of-text marker the T0 completions carry; one trailing copy is removed.
@@ -414,13 +414,81 @@ fn msg(role: &str, content: impl Into<String>) -> Message {
     }
 }
 
-fn finish(report: &mut IngestReport, ctx: &Ctx, read: u64, out: &[Example]) {
-    report.read += read;
-    report.files.push(FileCount {
-        path: ctx.rel.clone(),
-        read,
-        produced: out.len() as u64,
-    });
+/// Counts a file's `read` records and the examples `out` it produced in
+/// `report`; returns `out`.
+fn finish(
+    report: &mut IngestReport,
+    ctx: &Ctx,
+    read: u64,
+    out: Vec<Example>,
+) -> Result<Vec<Example>> {
+    report.count_file(ctx.rel.clone(), read, out.len() as u64);
+    Ok(out)
+}
+
+/// A single-turn example: the user's `user`, the assistant's `assistant`.
+fn user_assistant(
+    id: String,
+    source: String,
+    subtask: String,
+    user: impl Into<String>,
+    assistant: impl Into<String>,
+    references: Vec<String>,
+) -> Example {
+    Example {
+        id,
+        source,
+        subtask,
+        messages: vec![msg("user", user), msg("assistant", assistant)],
+        references,
+    }
+}
+
+/// How a file holds its JSON objects.
+#[derive(Clone, Copy)]
+enum Records {
+    /// JSONL: one object per non-blank line, numbered by line.
+    Lines,
+    /// One JSON list of objects, numbered by 1-based position.
+    List,
+}
+
+/// Reads the JSON objects of `path` (the file of `ctx`) and makes an example
+/// of each with `make(n, object, loc)`, `n` its line or list position; the
+/// examples are kept or skipped by [`push_example`] and the file is counted
+/// by [`finish`].
+fn read_objects<'c>(
+    path: &Path,
+    ctx: &'c Ctx,
+    records: Records,
+    report: &mut IngestReport,
+    mut make: impl FnMut(u64, &Map<String, Value>, Loc<'c>) -> Result<Example>,
+) -> Result<Vec<Example>> {
+    let mut out = Vec::new();
+    let read = match records {
+        Records::Lines => {
+            let bytes = read_bytes(path, &ctx.rel)?;
+            let lines = text_lines(&bytes, ctx)?;
+            for &(n, text) in &lines {
+                let loc = Loc::Line(ctx, n);
+                let value = parse_json_line(text, loc)?;
+                let ex = make(n, as_object(&value, loc)?, loc)?;
+                push_example(&mut out, report, ex);
+            }
+            lines.len()
+        }
+        Records::List => {
+            let items = read_json_list(path, ctx)?;
+            for (i, item) in items.iter().enumerate() {
+                let n = i as u64 + 1;
+                let loc = Loc::Record(ctx, n);
+                let ex = make(n, as_object(item, loc)?, loc)?;
+                push_example(&mut out, report, ex);
+            }
+            items.len()
+        }
+    };
+    finish(report, ctx, read as u64, out)
 }
 
 /// Read tulu-style messages JSONL (see [`Format::Messages`]).
@@ -433,15 +501,9 @@ pub fn read_messages_jsonl(
     report: &mut IngestReport,
 ) -> Result<Vec<Example>> {
     let ctx = Ctx::new(path, opts);
-    let bytes = read_bytes(path, &ctx.rel)?;
     let stem = file_stem(path);
-    let mut out = Vec::new();
     let mut ids = IdCheck::new();
-    let lines = text_lines(&bytes, &ctx)?;
-    for &(n, text) in &lines {
-        let loc = Loc::Line(&ctx, n);
-        let value = parse_json_line(text, loc)?;
-        let obj = as_object(&value, loc)?;
+    read_objects(path, &ctx, Records::Lines, report, |n, obj, loc| {
         let msgs = match obj.get("messages") {
             None => return Err(loc.err("messages", "missing")),
             Some(Value::Array(a)) => a,
@@ -497,20 +559,14 @@ pub fn read_messages_jsonl(
         let source = ctx.source(own_source.map_or_else(|| stem.clone(), str::to_string));
         let references = opt_references(obj, loc)?;
         let id = ids.id(&ctx, opt_id(obj, loc)?, n, loc)?;
-        push_example(
-            &mut out,
-            report,
-            Example {
-                id,
-                source,
-                subtask,
-                messages,
-                references,
-            },
-        );
-    }
-    finish(report, &ctx, lines.len() as u64, &out);
-    Ok(out)
+        Ok(Example {
+            id,
+            source,
+            subtask,
+            messages,
+            references,
+        })
+    })
 }
 
 /// Remove one trailing `<|endoftext|>` (trailing whitespace after it is dropped too).
@@ -528,33 +584,22 @@ fn read_prompt_completion_impl(
     default_source: String,
 ) -> Result<Vec<Example>> {
     let ctx = Ctx::new(path, opts);
-    let bytes = read_bytes(path, &ctx.rel)?;
-    let mut out = Vec::new();
     let mut ids = IdCheck::new();
-    let lines = text_lines(&bytes, &ctx)?;
-    for &(n, text) in &lines {
-        let loc = Loc::Line(&ctx, n);
-        let value = parse_json_line(text, loc)?;
-        let obj = as_object(&value, loc)?;
+    read_objects(path, &ctx, Records::Lines, report, |n, obj, loc| {
         let prompt = req_str(obj, "prompt", loc)?;
         let completion = strip_endoftext(req_str(obj, "completion", loc)?);
         let subtask = opt_str(obj, "subtask", loc)?.unwrap_or("").to_string();
         let references = opt_references(obj, loc)?;
         let id = ids.id(&ctx, opt_id(obj, loc)?, n, loc)?;
-        push_example(
-            &mut out,
-            report,
-            Example {
-                id,
-                source: ctx.source(default_source.clone()),
-                subtask,
-                messages: vec![msg("user", prompt), msg("assistant", completion)],
-                references,
-            },
-        );
-    }
-    finish(report, &ctx, lines.len() as u64, &out);
-    Ok(out)
+        Ok(user_assistant(
+            id,
+            ctx.source(default_source.clone()),
+            subtask,
+            prompt,
+            completion,
+            references,
+        ))
+    })
 }
 
 /// Read prompt/completion JSONL (see [`Format::PromptCompletion`]).
@@ -608,13 +653,8 @@ pub fn read_alpaca_json(
     report: &mut IngestReport,
 ) -> Result<Vec<Example>> {
     let ctx = Ctx::new(path, opts);
-    let items = read_json_list(path, &ctx)?;
     let stem = file_stem(path);
-    let mut out = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let n = i as u64 + 1;
-        let loc = Loc::Record(&ctx, n);
-        let obj = as_object(item, loc)?;
+    read_objects(path, &ctx, Records::List, report, |n, obj, loc| {
         let instruction = req_str(obj, "instruction", loc)?;
         let input = opt_str(obj, "input", loc)?.unwrap_or("");
         let output = req_str(obj, "output", loc)?;
@@ -624,20 +664,15 @@ pub fn read_alpaca_json(
         } else {
             format!("{instruction}\n\n{input}")
         };
-        push_example(
-            &mut out,
-            report,
-            Example {
-                id: ctx.id(n),
-                source: ctx.source(stem.clone()),
-                subtask,
-                messages: vec![msg("user", user), msg("assistant", output)],
-                references: Vec::new(),
-            },
-        );
-    }
-    finish(report, &ctx, items.len() as u64, &out);
-    Ok(out)
+        Ok(user_assistant(
+            ctx.id(n),
+            ctx.source(stem.clone()),
+            subtask,
+            user,
+            output,
+            Vec::new(),
+        ))
+    })
 }
 
 /// Read an AlpacaEval `*.model_outputs.json` file (see [`Format::AlpacaEval`]).
@@ -649,33 +684,23 @@ pub fn read_alpaca_eval_json(
     report: &mut IngestReport,
 ) -> Result<Vec<Example>> {
     let ctx = Ctx::new(path, opts);
-    let items = read_json_list(path, &ctx)?;
     let stem = file_stem(path);
     let name = stem.strip_suffix(".model_outputs").unwrap_or(&stem);
     let source = ctx.source(format!("alpaca_eval/{name}"));
-    let mut out = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let n = i as u64 + 1;
-        let loc = Loc::Record(&ctx, n);
-        let obj = as_object(item, loc)?;
+    read_objects(path, &ctx, Records::List, report, |n, obj, loc| {
         let instruction = req_str(obj, "instruction", loc)?;
         let output = req_str(obj, "output", loc)?;
         opt_str(obj, "generator", loc)?;
         opt_str(obj, "dataset", loc)?;
-        push_example(
-            &mut out,
-            report,
-            Example {
-                id: ctx.id(n),
-                source: source.clone(),
-                subtask: String::new(),
-                messages: vec![msg("user", instruction), msg("assistant", output)],
-                references: Vec::new(),
-            },
-        );
-    }
-    finish(report, &ctx, items.len() as u64, &out);
-    Ok(out)
+        Ok(user_assistant(
+            ctx.id(n),
+            source.clone(),
+            String::new(),
+            instruction,
+            output,
+            Vec::new(),
+        ))
+    })
 }
 
 /// Replace every literal two-character `\n` escape with a real newline. Other
@@ -742,17 +767,17 @@ pub fn read_flan_cot_tsv(
         push_example(
             &mut out,
             report,
-            Example {
-                id: ctx.id(n),
-                source: source.clone(),
-                subtask: String::new(),
-                messages: vec![msg("user", question), msg("assistant", assistant)],
-                references: Vec::new(),
-            },
+            user_assistant(
+                ctx.id(n),
+                source.clone(),
+                String::new(),
+                question,
+                assistant,
+                Vec::new(),
+            ),
         );
     }
-    finish(report, &ctx, lines.len() as u64, &out);
-    Ok(out)
+    finish(report, &ctx, lines.len() as u64, out)
 }
 
 /// Tell the format of a file from its extension and, for `.jsonl` / `.json`, its first record.

@@ -639,12 +639,7 @@ fn mmlu_validation(root: &Path, report: &mut IngestReport) -> Result<Vec<Example
                 references: Vec::new(),
             });
         }
-        report.read += rows.len() as u64;
-        report.files.push(FileCount {
-            path: rel,
-            read: rows.len() as u64,
-            produced: rows.len() as u64,
-        });
+        report.count_file(rel, rows.len() as u64, rows.len() as u64);
     }
     Ok(out)
 }
@@ -670,12 +665,7 @@ fn mmlu_test(root: &Path, report: &mut IngestReport) -> Result<Vec<Example>> {
                 references: vec![row.answer.clone()],
             });
         }
-        report.read += rows.len() as u64;
-        report.files.push(FileCount {
-            path: rel,
-            read: rows.len() as u64,
-            produced: rows.len() as u64,
-        });
+        report.count_file(rel, rows.len() as u64, rows.len() as u64);
     }
     Ok(out)
 }
@@ -805,12 +795,7 @@ fn bbh_test(root: &Path, report: &mut IngestReport) -> Result<Vec<Example>> {
             });
             produced += 1;
         }
-        report.read += examples.len() as u64;
-        report.files.push(FileCount {
-            path: rel,
-            read: examples.len() as u64,
-            produced,
-        });
+        report.count_file(rel, examples.len() as u64, produced);
     }
     Ok(out)
 }
@@ -905,12 +890,7 @@ fn tydiqa_validation(root: &Path, report: &mut IngestReport) -> Result<Vec<Examp
             references: Vec::new(),
         });
     }
-    report.read += out.len() as u64;
-    report.files.push(FileCount {
-        path: rel,
-        read: out.len() as u64,
-        produced: out.len() as u64,
-    });
+    report.count_file(rel, out.len() as u64, out.len() as u64);
     Ok(out)
 }
 
@@ -1017,12 +997,7 @@ fn tydiqa_test(root: &Path, report: &mut IngestReport) -> Result<Vec<Example>> {
                 }
             }
         }
-        report.read += n;
-        report.files.push(FileCount {
-            path: rel,
-            read: n,
-            produced,
-        });
+        report.count_file(rel, n, produced);
     }
     Ok(out)
 }
@@ -1035,6 +1010,49 @@ fn read_custom(path: &Path, data_root: &Path, report: &mut IngestReport) -> Resu
     read_path(path, None, &ReadOptions::with_root(data_root), report)
 }
 
+/// One split's loader of a named target: the data root in, the examples out.
+type SplitLoader = fn(&Path, &mut IngestReport) -> Result<Vec<Example>>;
+
+/// The examples of one split of `spec`, with the report they were counted
+/// in: a named task's through its loader in `loaders` (MMLU, BBH, TyDiQA)
+/// after checking the data root, a custom file's records through `keep`
+/// (which counts the ones it drops in the report).
+fn load_split(
+    spec: &TargetSpec,
+    data_root: &Path,
+    loaders: [SplitLoader; 3],
+    mut keep: impl FnMut(Example, &mut IngestReport) -> Option<Example>,
+) -> Result<(Vec<Example>, IngestReport)> {
+    let mut report = IngestReport::default();
+    let examples = match spec {
+        TargetSpec::Named(task) => {
+            check_data_root(data_root)?;
+            let [mmlu, bbh, tydiqa] = loaders;
+            let load = match task {
+                TaskName::Mmlu => mmlu,
+                TaskName::Bbh => bbh,
+                TaskName::Tydiqa => tydiqa,
+            };
+            load(data_root, &mut report)?
+        }
+        TargetSpec::File(path) => {
+            let all = read_custom(path, data_root, &mut report)?;
+            let mut kept = Vec::with_capacity(all.len());
+            for ex in all {
+                if let Some(ex) = keep(ex, &mut report) {
+                    kept.push(ex);
+                }
+            }
+            kept
+        }
+    };
+    Ok((examples, report))
+}
+
+fn ends_with_assistant(ex: &Example) -> bool {
+    ex.messages.last().is_some_and(|m| m.role == "assistant")
+}
+
 /// Load a target's validation examples (the examples ToV/LESS fine-tune or take
 /// gradients on). See the module docs for the exact prompts.
 ///
@@ -1045,29 +1063,15 @@ pub fn load_target_validation(
     spec: &TargetSpec,
     data_root: &Path,
 ) -> Result<(Vec<Example>, IngestReport)> {
-    let mut report = IngestReport::default();
-    let examples = match spec {
-        TargetSpec::Named(task) => {
-            check_data_root(data_root)?;
-            match task {
-                TaskName::Mmlu => mmlu_validation(data_root, &mut report)?,
-                TaskName::Bbh => bbh_validation(data_root, &mut report)?,
-                TaskName::Tydiqa => tydiqa_validation(data_root, &mut report)?,
-            }
+    let loaders = [mmlu_validation, bbh_validation, tydiqa_validation];
+    let (examples, mut report) = load_split(spec, data_root, loaders, |ex, report| {
+        if ends_with_assistant(&ex) {
+            Some(ex)
+        } else {
+            report.skip("no_assistant_turn");
+            None
         }
-        TargetSpec::File(path) => {
-            let all = read_custom(path, data_root, &mut report)?;
-            let mut kept = Vec::with_capacity(all.len());
-            for ex in all {
-                if ex.messages.last().is_some_and(|m| m.role == "assistant") {
-                    kept.push(ex);
-                } else {
-                    report.skip("no_assistant_turn");
-                }
-            }
-            kept
-        }
-    };
+    })?;
     report.kept = examples.len() as u64;
     Ok((examples, report))
 }
@@ -1088,36 +1092,21 @@ pub fn load_target_test(
     per_subtask_cap: Option<usize>,
     seed: u64,
 ) -> Result<(Vec<Example>, IngestReport)> {
-    let mut report = IngestReport::default();
-    let examples = match spec {
-        TargetSpec::Named(task) => {
-            check_data_root(data_root)?;
-            match task {
-                TaskName::Mmlu => mmlu_test(data_root, &mut report)?,
-                TaskName::Bbh => bbh_test(data_root, &mut report)?,
-                TaskName::Tydiqa => tydiqa_test(data_root, &mut report)?,
-            }
-        }
-        TargetSpec::File(path) => {
-            let all = read_custom(path, data_root, &mut report)?;
-            let mut out = Vec::with_capacity(all.len());
-            for mut ex in all {
-                if ex.messages.last().is_some_and(|m| m.role == "assistant") {
-                    if let Some(last) = ex.messages.pop() {
-                        if ex.references.is_empty() {
-                            ex.references.push(last.content.trim().to_string());
-                        }
-                    }
-                }
+    let loaders = [mmlu_test, bbh_test, tydiqa_test];
+    let (examples, mut report) = load_split(spec, data_root, loaders, |mut ex, report| {
+        if ends_with_assistant(&ex) {
+            if let Some(last) = ex.messages.pop() {
                 if ex.references.is_empty() {
-                    report.skip("no_reference");
-                    continue;
+                    ex.references.push(last.content.trim().to_string());
                 }
-                out.push(ex);
             }
-            out
         }
-    };
+        if ex.references.is_empty() {
+            report.skip("no_reference");
+            return None;
+        }
+        Some(ex)
+    })?;
     let examples = match per_subtask_cap {
         Some(cap) => {
             let before = examples.len();
