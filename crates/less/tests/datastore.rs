@@ -7,8 +7,8 @@ use std::path::Path;
 
 use candle_core::Device;
 use dsel_less::{
-    build, features_file, matching, open_features, BuildOptions, Checkpoint, DatastoreConfig,
-    GradientKind, Projector, ShardSel,
+    build, features_file, matching, open_features, BuildOptions, BuildReport, Checkpoint,
+    DatastoreConfig, GradientKind, Projector, ShardSel,
 };
 use dsel_model::{Batch, LoraConfig, Mode, Model};
 use dsel_train::{AdamW, AdamWConfig};
@@ -21,8 +21,11 @@ fn base_model() -> Model {
     Model::new(&raw).unwrap()
 }
 
+/// Token ids and label masks of toy examples.
+type Toy = Vec<(Vec<u32>, Vec<u8>)>;
+
 /// Seeded toy examples: varied lengths, labels on the second half.
-fn examples(n: usize, seed: u64) -> Vec<(Vec<u32>, Vec<u8>)> {
+fn examples(n: usize, seed: u64) -> Toy {
     (0..n)
         .map(|i| {
             let len = 6 + (dsel_model::rng::hash_words(seed, &[i as u64]) % 30) as usize;
@@ -90,6 +93,41 @@ fn cfg(d: usize) -> DatastoreConfig {
     }
 }
 
+/// A temporary folder holding the two [`checkpoints`], `n` seeded
+/// [`examples`] and the [`cfg`] for projection dimension `d`.
+fn fixture(
+    n: usize,
+    seed: u64,
+    d: usize,
+) -> (tempfile::TempDir, Vec<Checkpoint>, Toy, DatastoreConfig) {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpts = checkpoints(tmp.path());
+    (tmp, ckpts, examples(n, seed), cfg(d))
+}
+
+/// Builds the Adam features of `set` on a fresh base model with scratch
+/// folder `scratch`, assembling into `out`.
+fn build_adam(
+    set: &Toy,
+    ckpts: &[Checkpoint],
+    c: &DatastoreConfig,
+    scratch: &Path,
+    out: &Path,
+    opts: &BuildOptions,
+) -> BuildReport {
+    build(
+        &mut base_model(),
+        set,
+        ckpts,
+        GradientKind::Adam,
+        c,
+        scratch,
+        Some(out),
+        opts,
+    )
+    .unwrap()
+}
+
 /// Independent reference: example alone, standard backward, flattened Var
 /// gradients, optional hand-written Adam, naive f64 projection, normalise.
 fn reference_feature(
@@ -148,10 +186,7 @@ fn reference_feature(
 
 #[test]
 fn batched_features_equal_single_example_reference_plain_and_adam() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ckpts = checkpoints(tmp.path());
-    let set = examples(7, 5);
-    let c = cfg(128);
+    let (tmp, ckpts, set, c) = fixture(7, 5, 128);
     for (kind, name) in [(GradientKind::Sgd, "sgd"), (GradientKind::Adam, "adam")] {
         let out = tmp.path().join(format!("out-{name}"));
         std::fs::create_dir_all(&out).unwrap();
@@ -196,10 +231,7 @@ fn batched_features_equal_single_example_reference_plain_and_adam() {
 
 #[test]
 fn shard_splits_and_interruptions_give_identical_bytes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ckpts = checkpoints(tmp.path());
-    let set = examples(12, 6);
-    let c = cfg(64);
+    let (tmp, ckpts, set, c) = fixture(12, 6, 64);
     let read = |dir: &Path| -> Vec<Vec<u8>> {
         [1, 2]
             .iter()
@@ -209,17 +241,14 @@ fn shard_splits_and_interruptions_give_identical_bytes() {
     // One uninterrupted run.
     let one = tmp.path().join("one");
     std::fs::create_dir_all(&one).unwrap();
-    let r = build(
-        &mut base_model(),
+    let r = build_adam(
         &set,
         &ckpts,
-        GradientKind::Adam,
         &c,
         &tmp.path().join("s-one"),
-        Some(&one),
+        &one,
         &BuildOptions::default(),
-    )
-    .unwrap();
+    );
     assert!(r.complete && r.units_total == 6);
 
     // Killed after 2 units, then resumed.
@@ -230,30 +259,10 @@ fn shard_splits_and_interruptions_give_identical_bytes() {
         stop_after_units: Some(2),
         ..Default::default()
     };
-    let r = build(
-        &mut base_model(),
-        &set,
-        &ckpts,
-        GradientKind::Adam,
-        &c,
-        &scratch,
-        Some(&two),
-        &opts,
-    )
-    .unwrap();
+    let r = build_adam(&set, &ckpts, &c, &scratch, &two, &opts);
     assert!(!r.complete && r.units_computed == 2);
     assert!(!two.join(features_file(1)).exists());
-    let r = build(
-        &mut base_model(),
-        &set,
-        &ckpts,
-        GradientKind::Adam,
-        &c,
-        &scratch,
-        Some(&two),
-        &BuildOptions::default(),
-    )
-    .unwrap();
+    let r = build_adam(&set, &ckpts, &c, &scratch, &two, &BuildOptions::default());
     assert!(
         r.complete && r.units_computed == 4 && r.units_resumed == 2,
         "{r:?}"
@@ -269,17 +278,7 @@ fn shard_splits_and_interruptions_give_identical_bytes() {
             shard: ShardSel::parse(sel).unwrap(),
             ..Default::default()
         };
-        let r = build(
-            &mut base_model(),
-            &set,
-            &ckpts,
-            GradientKind::Adam,
-            &c,
-            dir,
-            Some(&three),
-            &opts,
-        )
-        .unwrap();
+        let r = build_adam(&set, &ckpts, &c, dir, &three, &opts);
         assert!(!r.complete);
     }
     for e in [1, 2] {
@@ -288,17 +287,7 @@ fn shard_splits_and_interruptions_give_identical_bytes() {
             std::fs::copy(f.path(), sa.join(format!("epoch-{e}")).join(f.file_name())).unwrap();
         }
     }
-    let r = build(
-        &mut base_model(),
-        &set,
-        &ckpts,
-        GradientKind::Adam,
-        &c,
-        &sa,
-        Some(&three),
-        &BuildOptions::default(),
-    )
-    .unwrap();
+    let r = build_adam(&set, &ckpts, &c, &sa, &three, &BuildOptions::default());
     assert!(r.complete && r.units_computed == 0 && r.units_resumed == 6);
     assert_eq!(read(&one), read(&three));
     assert!(ShardSel::parse("2/2").is_err() && ShardSel::parse("x").is_err());
@@ -377,23 +366,10 @@ fn matching_equals_brute_force() {
 
 #[test]
 fn corrupted_unit_of_the_same_size_is_recomputed() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ckpts = checkpoints(tmp.path());
-    let set = examples(12, 6);
-    let c = cfg(64);
+    let (tmp, ckpts, set, c) = fixture(12, 6, 64);
     let run = |scratch: &Path, out: &Path| {
         std::fs::create_dir_all(out).unwrap();
-        build(
-            &mut base_model(),
-            &set,
-            &ckpts,
-            GradientKind::Adam,
-            &c,
-            scratch,
-            Some(out),
-            &BuildOptions::default(),
-        )
-        .unwrap()
+        build_adam(&set, &ckpts, &c, scratch, out, &BuildOptions::default())
     };
     let (s_one, one) = (tmp.path().join("s-one"), tmp.path().join("one"));
     assert_eq!(run(&s_one, &one).units_computed, 6);
