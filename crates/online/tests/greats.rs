@@ -6,7 +6,7 @@ use candle_core::DType;
 use common::*;
 use dsel_online::{
     adamw_weight_scale, greedy_select, top_k, Greats, InnerProductMode, OnlineRunConfig,
-    OnlineSelector, SelectContext, SelectorConfig, SelectorKind,
+    OnlineSelector, SelectorConfig, SelectorKind,
 };
 
 #[test]
@@ -59,11 +59,7 @@ fn greats_selector_scores_are_mean_validation_inner_products() {
     let cand = examples(6, 37, 3, 9, 10);
     let val = examples(5, 37, 4, 10, 11);
     let mut sel = Greats::new(val.clone(), 2, Some(0.0), 77).unwrap();
-    let ctx = SelectContext {
-        step: 3,
-        dropout_seed: 5,
-        lr: 1e-3,
-    };
+    let ctx = select_context(3, 5, 1e-3);
     let vi = sel.val_indices(3);
     assert_eq!(vi.len(), 2);
     assert_ne!(vi[0], vi[1]);
@@ -105,11 +101,7 @@ fn greats_with_step_lr_uses_the_gram_correction() {
     let m = tiny_model(37, DType::F64, 2, 8);
     let cand = examples(6, 37, 3, 9, 12);
     let val = examples(4, 37, 4, 10, 13);
-    let ctx = SelectContext {
-        step: 0,
-        dropout_seed: 1,
-        lr: 1e6,
-    };
+    let ctx = select_context(0, 1, 1e6);
     // A huge rate makes the second pick the candidate least aligned with
     // the first under the AdamW-linearised Gram matrix (coefficient lr/k).
     let s = Greats::new(val.clone(), 2, None, 1)
@@ -283,11 +275,7 @@ fn greats_interaction_is_scaled_to_the_adamw_step_on_the_mean() {
     }
     let mut differs = 0;
     for step_lr in [1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0] {
-        let ctx = SelectContext {
-            step,
-            dropout_seed: 0,
-            lr: step_lr,
-        };
+        let ctx = select_context(step, 0, step_lr);
         let want = greedy_on_utility(&ind.t_adam, &ind.gram_adam, step_lr / k as f64, k);
         let reference = greedy_on_utility(&ind.t, &ind.gram, step_lr, k);
         let s = cfg
@@ -326,11 +314,7 @@ fn greats_first_order_term_predicts_a_real_adamw_step() {
             .unwrap();
         let vsub = val_subset(val, 2, seed, 0);
         let ind = independent(&m, cand, &vsub, k);
-        let ctx = SelectContext {
-            step: 0,
-            dropout_seed: 0,
-            lr,
-        };
+        let ctx = select_context(0, 0, lr);
         let s = SelectorConfig::default_for(SelectorKind::Greats)
             .build(seed, val.to_vec())
             .unwrap()
@@ -393,11 +377,7 @@ fn greats_validation_examples_per_step_is_an_option() {
     let m = tiny_model(37, DType::F64, 2, 3);
     let cand = examples(6, 37, 3, 9, 10);
     let val = examples(5, 37, 4, 10, 11);
-    let ctx = SelectContext {
-        step: 2,
-        dropout_seed: 0,
-        lr: 1e-3,
-    };
+    let ctx = select_context(2, 0, 1e-3);
     let s = cfg
         .build(9, val.clone())
         .unwrap()

@@ -4,8 +4,12 @@ mod common;
 
 use candle_core::DType;
 use common::*;
-use dsel_model::Model;
-use dsel_online::{run_online, OnlineRunConfig, SelectorConfig, SelectorKind, StepRecord};
+use std::path::{Path, PathBuf};
+
+use dsel_model::{Model, RawModel};
+use dsel_online::{
+    run_online, OnlineReport, OnlineRunConfig, SelectorConfig, SelectorKind, StepRecord,
+};
 
 fn cfg(kind: SelectorKind, steps: usize, b: usize, k: Option<usize>, seed: u64) -> OnlineRunConfig {
     let mut c = OnlineRunConfig::new(SelectorConfig::default_for(kind), lora(2, 0.0, &ALL, 5));
@@ -28,27 +32,69 @@ fn cfg(kind: SelectorKind, steps: usize, b: usize, k: Option<usize>, seed: u64) 
     c
 }
 
+/// What every run here trains on: the tiny model's weights, the pool and
+/// the validation set, and scratch and output folders in a temporary
+/// directory (removed when `_dir` drops).
+struct Setup {
+    raw: RawModel,
+    pool: Vec<(Vec<u32>, Vec<u8>)>,
+    val: Vec<(Vec<u32>, Vec<u8>)>,
+    _dir: tempfile::TempDir,
+    scratch: PathBuf,
+    out: PathBuf,
+}
+
+fn setup(dtype: DType) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    Setup {
+        raw: tiny_raw(&tiny_config(37), 1, dtype),
+        pool: examples(40, 37, 3, 10, 100),
+        val: examples(5, 37, 4, 10, 200),
+        scratch: dir.path().join("scratch"),
+        out: dir.path().join("out"),
+        _dir: dir,
+    }
+}
+
+impl Setup {
+    /// Trains `c` on a fresh model from the weights, failing right after
+    /// step `interrupt` when one is given (a killed run).
+    fn train(&self, c: &OnlineRunConfig, interrupt: Option<u64>) -> anyhow::Result<OnlineReport> {
+        let mut m = Model::new(&self.raw).unwrap();
+        dsel_online::run_online_interruptible(
+            &mut m,
+            &self.pool,
+            &self.val,
+            c,
+            &self.scratch,
+            &self.out,
+            interrupt,
+        )
+    }
+}
+
+/// The step log `steps.jsonl` of the run that wrote `out`.
+fn read_steps(out: &Path) -> Vec<StepRecord> {
+    std::fs::read_to_string(out.join("steps.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 fn run(
     kind: SelectorKind,
     dtype: DType,
     c: &OnlineRunConfig,
 ) -> (Vec<StepRecord>, Vec<u8>, dsel_online::OnlineReport) {
-    let raw = tiny_raw(&tiny_config(37), 1, dtype);
-    let mut m = Model::new(&raw).unwrap();
-    let pool = examples(40, 37, 3, 10, 100);
-    let val = examples(5, 37, 4, 10, 200);
-    let dir = tempfile::tempdir().unwrap();
-    let (scratch, out) = (dir.path().join("scratch"), dir.path().join("out"));
-    let report = run_online(&mut m, &pool, &val, c, &scratch, &out)
+    let s = setup(dtype);
+    let report = s
+        .train(c, None)
         .unwrap_or_else(|e| panic!("{kind:?}: {e:#}"));
-    let steps: Vec<StepRecord> = std::fs::read_to_string(out.join("steps.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let adapter = std::fs::read(out.join("adapter.safetensors")).unwrap();
+    let steps = read_steps(&s.out);
+    let adapter = std::fs::read(s.out.join("adapter.safetensors")).unwrap();
     let rep: dsel_online::OnlineReport =
-        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(s.out.join("report.json")).unwrap()).unwrap();
     assert_eq!(rep.steps, report.steps);
     (steps, adapter, report)
 }
@@ -179,35 +225,16 @@ fn a_killed_run_resumes_to_the_same_steps_and_adapter() {
     for kind in [SelectorKind::Uds, SelectorKind::Greats, SelectorKind::None] {
         let c = cfg(kind, 14, 4, None, 3);
         let (s_full, a_full, _) = run(kind, DType::F32, &c);
-        let raw = tiny_raw(&tiny_config(37), 1, DType::F32);
-        let pool = examples(40, 37, 3, 10, 100);
-        let val = examples(5, 37, 4, 10, 200);
-        let dir = tempfile::tempdir().unwrap();
-        let (scratch, out) = (dir.path().join("scratch"), dir.path().join("out"));
-        let mut m = Model::new(&raw).unwrap();
-        let err = dsel_online::run_online_interruptible(
-            &mut m,
-            &pool,
-            &val,
-            &c,
-            &scratch,
-            &out,
-            Some(13),
-        )
-        .unwrap_err();
+        let s = setup(DType::F32);
+        let err = s.train(&c, Some(13)).unwrap_err();
         assert!(format!("{err:#}").contains("interrupted"), "{err:#}");
-        let mut m = Model::new(&raw).unwrap();
-        let rep = run_online(&mut m, &pool, &val, &c, &scratch, &out).unwrap();
+        let rep = s.train(&c, None).unwrap();
         assert_eq!(
             rep.train.resumed_from_step,
             Some(dsel_online::CHECKPOINT_EVERY),
             "{kind:?} resumes from its last checkpoint"
         );
-        let steps: Vec<StepRecord> = std::fs::read_to_string(out.join("steps.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let steps = read_steps(&s.out);
         assert_eq!(steps.len(), s_full.len());
         for (x, y) in steps.iter().zip(&s_full) {
             assert_eq!(
@@ -217,7 +244,7 @@ fn a_killed_run_resumes_to_the_same_steps_and_adapter() {
             );
             assert_eq!(x.loss, y.loss, "{kind:?} step {}", x.step);
         }
-        let adapter = std::fs::read(out.join("adapter.safetensors")).unwrap();
+        let adapter = std::fs::read(s.out.join("adapter.safetensors")).unwrap();
         assert_eq!(adapter, a_full, "{kind:?}: resumed adapter differs");
     }
 }
@@ -228,16 +255,10 @@ fn damaged_selector_state_is_not_resumed() {
     let kind = SelectorKind::Uds;
     let c = cfg(kind, 14, 4, None, 3);
     let (s_full, a_full, _) = run(kind, DType::F32, &c);
-    let raw = tiny_raw(&tiny_config(37), 1, DType::F32);
-    let pool = examples(40, 37, 3, 10, 100);
-    let val = examples(5, 37, 4, 10, 200);
-    let dir = tempfile::tempdir().unwrap();
-    let (scratch, out) = (dir.path().join("scratch"), dir.path().join("out"));
-    let mut m = Model::new(&raw).unwrap();
-    dsel_online::run_online_interruptible(&mut m, &pool, &val, &c, &scratch, &out, Some(13))
-        .unwrap_err();
+    let s = setup(DType::F32);
+    s.train(&c, Some(13)).unwrap_err();
     // Same size, still valid JSON: one digit of the first logged loss.
-    let state = scratch.join("train-checkpoints").join(format!(
+    let state = s.scratch.join("train-checkpoints").join(format!(
         "online-state-{:08}.json",
         dsel_online::CHECKPOINT_EVERY
     ));
@@ -252,21 +273,16 @@ fn damaged_selector_state_is_not_resumed() {
     };
     std::fs::write(&state, &bytes).unwrap();
 
-    let mut m = Model::new(&raw).unwrap();
-    let rep = run_online(&mut m, &pool, &val, &c, &scratch, &out).unwrap();
+    let rep = s.train(&c, None).unwrap();
     assert_eq!(rep.train.resumed_from_step, None, "damaged state resumed");
     // Recomputed: the same steps and adapter as an uninterrupted run.
-    let steps: Vec<StepRecord> = std::fs::read_to_string(out.join("steps.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let steps = read_steps(&s.out);
     assert_eq!(steps.len(), s_full.len());
     for (x, y) in steps.iter().zip(&s_full) {
         assert_eq!((x.step, &x.chosen, x.loss), (y.step, &y.chosen, y.loss));
     }
     assert_eq!(
-        std::fs::read(out.join("adapter.safetensors")).unwrap(),
+        std::fs::read(s.out.join("adapter.safetensors")).unwrap(),
         a_full
     );
 }

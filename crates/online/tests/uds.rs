@@ -7,7 +7,7 @@ use candle_core::DType;
 use common::*;
 use dsel_model::Mode;
 use dsel_online::linalg::{nuclear_norm_from_gram, symmetric_eigenvalues};
-use dsel_online::{top_k, FifoBuffer, OnlineSelector, SelectContext, Uds};
+use dsel_online::{top_k, FifoBuffer, OnlineSelector, Uds};
 
 /// Singular values of the `r × c` matrix `a` (row-major) by one-sided
 /// Jacobi rotations on the columns (Hestenes): independent of the library's
@@ -189,11 +189,7 @@ fn uds_embedding_does_not_depend_on_padding_and_selection_uses_the_buffer() {
     for (a, b) in z_all[2].iter().zip(&z_one[0]) {
         assert!((a - b).abs() < 1e-3 * (1.0 + b.abs()), "{a} vs {b}");
     }
-    let ctx = SelectContext {
-        step: 0,
-        dropout_seed: 0,
-        lr: 0.0,
-    };
+    let ctx = select_context(0, 0, 0.0);
     // Empty buffer: top-k of the utility.
     let s = uds.select(&m, &batch(&ex), 2, &ctx).unwrap();
     assert_eq!(s.chosen, top_k(&u_all, 2));

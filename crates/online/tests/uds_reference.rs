@@ -10,7 +10,7 @@ use candle_core::DType;
 use dsel_model::rng::{hash_words, unit_f64};
 use dsel_model::{Mode, Model};
 use dsel_online::{
-    KeepRatio, OnlineRunConfig, OnlineSelector, SelectContext, SelectorConfig, SelectorKind, Uds,
+    KeepRatio, OnlineRunConfig, OnlineSelector, SelectorConfig, SelectorKind, Uds,
     REFERENCE_PAD_ROWS,
 };
 
@@ -195,11 +195,7 @@ fn uds_embedding_has_the_reference_projection_scale() {
 fn uds_utility_and_diversity_terms_are_of_the_same_order() {
     let (m, ex) = stories();
     let (mut uds, alpha, _) = default_uds(0);
-    let ctx = SelectContext {
-        step: 0,
-        dropout_seed: 0,
-        lr: 0.0,
-    };
+    let ctx = common::select_context(0, 0, 0.0);
     let k = default_k(4);
     assert_eq!(k, 1);
     // Two steps of four candidates fill the buffer with two embeddings.
@@ -251,11 +247,7 @@ fn uds_utility_and_diversity_terms_are_of_the_same_order() {
 fn uds_does_not_keep_a_duplicate_of_a_buffered_example() {
     let (m, ex) = stories();
     let (mut uds, alpha, _) = default_uds(3);
-    let ctx = SelectContext {
-        step: 0,
-        dropout_seed: 0,
-        lr: 0.0,
-    };
+    let ctx = common::select_context(0, 0, 0.0);
     let first = pick(&ex, &[0, 1, 2, 7]);
     let (u1, _) = uds.features(&m, &common::batch(&first)).unwrap();
     let s1 = uds

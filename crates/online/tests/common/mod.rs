@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use dsel_model::rng::hash_words;
 use dsel_model::{Batch, LlamaConfig, LoraConfig, Model, RawModel};
+use dsel_online::SelectContext;
 
 /// A tiny GQA config.
 pub fn tiny_config(vocab: usize) -> LlamaConfig {
@@ -90,6 +91,16 @@ pub fn examples(
             (ids, mask)
         })
         .collect()
+}
+
+/// The context of optimizer step `step` with that step's dropout seed and
+/// learning rate.
+pub fn select_context(step: u64, dropout_seed: u64, lr: f64) -> SelectContext {
+    SelectContext {
+        step,
+        dropout_seed,
+        lr,
+    }
 }
 
 /// A batch of the given examples.
