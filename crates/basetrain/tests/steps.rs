@@ -3,19 +3,16 @@
 //! example is trained on once per epoch, and length grouping visits the
 //! longest first.
 
-use dsel_basetrain::{finetune, FinetuneConfig};
-use dsel_model::LoraConfig;
+use std::path::{Path, PathBuf};
+
+use dsel_basetrain::{finetune, FinetuneConfig, FinetuneReport};
+use dsel_model::Model;
+use dsel_tokenize::TokenizedSet;
 use dsel_train::TrainConfig;
 
 fn cfg(epochs: usize, group_by_length: bool) -> FinetuneConfig {
     FinetuneConfig {
-        lora: LoraConfig {
-            rank: 4,
-            alpha: 8.0,
-            dropout: 0.0,
-            targets: ["q", "k", "v", "o"].map(String::from).to_vec(),
-            seed: 3,
-        },
+        lora: dsel_testkit::attention_lora(3),
         train: TrainConfig {
             epochs,
             lr: 1e-3,
@@ -28,6 +25,21 @@ fn cfg(epochs: usize, group_by_length: bool) -> FinetuneConfig {
         save_epochs: false,
         group_by_length,
     }
+}
+
+/// Fine-tunes a fresh LoRA of `model` on `set[rows]` into `tmp/out`
+/// (scratch `tmp/scratch`); returns the report and the output folder.
+fn finetune_fresh(
+    model: &mut Model,
+    set: &TokenizedSet,
+    rows: &[usize],
+    c: &FinetuneConfig,
+    tmp: &Path,
+) -> (FinetuneReport, PathBuf) {
+    let out = tmp.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let rep = finetune(model, None, set, rows, c, &tmp.join("scratch"), &out).unwrap();
+    (rep, out)
 }
 
 /// HF `get_linear_schedule_with_warmup` at 0-based step `s`, written out from
@@ -49,18 +61,7 @@ fn base_train_steps_follow_the_linear_warmup_schedule_and_see_every_example_once
     // U = 10 of the 14 rows, 2 epochs of ceil(10/4) = 3 steps.
     let u: Vec<usize> = vec![0, 1, 2, 4, 5, 7, 8, 10, 12, 13];
     let c = cfg(2, false);
-    let out = tmp.path().join("out");
-    std::fs::create_dir_all(&out).unwrap();
-    let rep = finetune(
-        &mut model,
-        None,
-        &set,
-        &u,
-        &c,
-        &tmp.path().join("scratch"),
-        &out,
-    )
-    .unwrap();
+    let (rep, out) = finetune_fresh(&mut model, &set, &u, &c, tmp.path());
     assert_eq!(rep.train.steps, 6);
     assert_eq!(
         rep.micro_batches.len(),
@@ -102,18 +103,7 @@ fn length_grouping_visits_the_longest_examples_first() {
     let tmp = tempfile::tempdir().unwrap();
     let set = dsel_testkit::toy_set(&raw, 9, "g", tmp.path());
     let all: Vec<usize> = (0..9).collect();
-    let out = tmp.path().join("out");
-    std::fs::create_dir_all(&out).unwrap();
-    let rep = finetune(
-        &mut model,
-        None,
-        &set,
-        &all,
-        &cfg(1, true),
-        &tmp.path().join("s"),
-        &out,
-    )
-    .unwrap();
+    let (rep, _) = finetune_fresh(&mut model, &set, &all, &cfg(1, true), tmp.path());
     let order: Vec<usize> = rep
         .micro_batches
         .iter()

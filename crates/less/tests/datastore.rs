@@ -10,7 +10,7 @@ use dsel_less::{
     build, features_file, matching, open_features, BuildOptions, BuildReport, Checkpoint,
     DatastoreConfig, GradientKind, Projector, ShardSel,
 };
-use dsel_model::{Batch, LoraConfig, Mode, Model};
+use dsel_model::{Batch, Mode, Model};
 use dsel_train::{AdamW, AdamWConfig};
 use half::f16;
 
@@ -44,15 +44,7 @@ fn examples(n: usize, seed: u64) -> Toy {
 /// and saves two checkpoints (adapter + optimizer) into `dir`.
 fn checkpoints(dir: &Path) -> Vec<Checkpoint> {
     let mut model = base_model();
-    model
-        .add_lora(&LoraConfig {
-            rank: 4,
-            alpha: 8.0,
-            dropout: 0.0,
-            targets: ["q", "k", "v", "o"].map(String::from).to_vec(),
-            seed: 3,
-        })
-        .unwrap();
+    model.add_lora(&dsel_testkit::attention_lora(3)).unwrap();
     let mut opt = AdamW::new(model.lora_params(), AdamWConfig::default()).unwrap();
     let train = examples(8, 99);
     let mut out = Vec::new();

@@ -4,7 +4,6 @@
 //! SentencePiece vocabulary (`tok512.bin`) as a `llama` tokenizer. Checked
 //! against the independently converted HF copy (safetensors + tokenizer.json).
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::quantized::gguf_file::{self, Value};
@@ -13,6 +12,8 @@ use candle_core::{Device, Tensor};
 use dsel_model::gguf;
 
 use dsel_testkit::data_root;
+
+mod common;
 
 fn stories_dir() -> PathBuf {
     data_root().join("models/stories260K")
@@ -154,15 +155,6 @@ fn write_stories_gguf(path: &std::path::Path, with_tokenizer: bool) {
     gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
 }
 
-fn hf_tensors() -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(stories_dir().join("hf/model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, view)| (name, (view.shape().to_vec(), f32s(view.data()))))
-        .collect()
-}
-
 #[test]
 fn gguf_llama_layout_unpermutes_to_hf_exactly() {
     let dir = tempfile::tempdir().unwrap();
@@ -170,21 +162,12 @@ fn gguf_llama_layout_unpermutes_to_hf_exactly() {
     write_stories_gguf(&p, false);
     let raw = gguf::load(&p, &Device::Cpu).unwrap();
     let c = &raw.config;
-    assert_eq!(
-        (c.hidden_size, c.intermediate_size, c.num_hidden_layers),
-        (64, 172, 5)
-    );
-    assert_eq!(
-        (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
-        (8, 4, 8)
-    );
-    assert_eq!((c.vocab_size, c.max_position_embeddings), (512, 512));
-    assert!(c.tie_word_embeddings && !c.attention_bias);
+    common::assert_stories260k_shape(c);
     assert!((c.rms_norm_eps - 1e-5).abs() < 1e-12);
     assert_eq!(c.rope_theta, 10000.0);
     assert!(raw.tokenizer.is_none() && raw.chat_template.is_none());
 
-    let hf = hf_tensors();
+    let hf = common::stories_hf_tensors();
     let mut n = 0;
     for (name, (shape, want)) in &hf {
         if name == "lm_head.weight" {

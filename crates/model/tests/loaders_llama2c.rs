@@ -1,6 +1,5 @@
 //! llama2.c loader against the independently converted HF copy of stories260K.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
@@ -8,26 +7,10 @@ use dsel_model::llama2c;
 
 use dsel_testkit::data_root;
 
+mod common;
+
 fn stories_dir() -> PathBuf {
     data_root().join("models/stories260K")
-}
-
-/// The HF safetensors, read directly with the `safetensors` crate.
-fn hf_tensors() -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(stories_dir().join("hf/model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
-            let v: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            (name, (view.shape().to_vec(), v))
-        })
-        .collect()
 }
 
 fn flat(t: &Tensor) -> Vec<f32> {
@@ -38,17 +21,7 @@ fn flat(t: &Tensor) -> Vec<f32> {
 fn stories260k_matches_hf_copy_exactly() {
     let raw = llama2c::load(&stories_dir().join("stories260K.bin"), &Device::Cpu).unwrap();
     let c = &raw.config;
-    assert_eq!(
-        (c.hidden_size, c.intermediate_size, c.num_hidden_layers),
-        (64, 172, 5)
-    );
-    assert_eq!(
-        (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
-        (8, 4, 8)
-    );
-    assert_eq!((c.vocab_size, c.max_position_embeddings), (512, 512));
-    assert!(c.tie_word_embeddings);
-    assert!(!c.attention_bias);
+    common::assert_stories260k_shape(c);
     assert_eq!((c.rope_theta, c.rms_norm_eps), (10000.0, 1e-5));
     assert_eq!((c.bos_token_id, c.eos_token_id), (Some(1), Some(2)));
 
@@ -70,7 +43,7 @@ fn stories260k_matches_hf_copy_exactly() {
         Some(c.tie_word_embeddings)
     );
 
-    let hf = hf_tensors();
+    let hf = common::stories_hf_tensors();
     let mut ours: Vec<&String> = raw.tensors.keys().collect();
     let mut theirs: Vec<&String> = hf.keys().filter(|k| *k != "lm_head.weight").collect();
     ours.sort();
@@ -171,7 +144,7 @@ fn stories260k_logits_and_greedy_text() {
     let raw = llama2c::load(&stories_dir().join("stories260K.bin"), &Device::Cpu).unwrap();
     let hf_raw = RawModel {
         config: raw.config.clone(),
-        tensors: hf_tensors()
+        tensors: common::stories_hf_tensors()
             .into_iter()
             .filter(|(n, _)| n != "lm_head.weight")
             .map(|(n, (shape, v))| (n, Tensor::from_vec(v, shape, &Device::Cpu).unwrap()))

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use dsel_ingest::{Example, Message};
-use dsel_model::{Model, RawModel};
+use dsel_model::{LlamaConfig, LoraConfig, Model, RawModel};
 use dsel_tokenize::{tokenize_to_dir, ChatFormat, Formatter, TokenizeConfig, TokenizedSet};
 
 /// The shared data root: `DSEL_DATA_ROOT`, else `../shared/data` beside the
@@ -36,6 +36,45 @@ pub fn stories() -> (RawModel, Model) {
     let raw = dsel_model::load(&stories_dir(), &Device::Cpu).expect("loading stories260K");
     let model = Model::new(&raw).expect("building stories260K");
     (raw, model)
+}
+
+/// Rank-4 LoRA (alpha 8, no dropout) on the attention projections q, k, v
+/// and o, initialised from `seed`: the adapter the fine-tuning tests train.
+pub fn attention_lora(seed: u64) -> LoraConfig {
+    LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: ["q", "k", "v", "o"].map(String::from).to_vec(),
+        seed,
+    }
+}
+
+/// A tiny Llama config for random-weight tests: `vocab_size` tokens, 2
+/// layers, hidden size 16 (MLP 24), 4 heads of dimension 4 over 2 KV heads
+/// (GQA), 64 positions, BOS 1 and EOS 2, with or without attention biases
+/// and tied embeddings.
+pub fn tiny_llama_config(
+    vocab_size: usize,
+    attention_bias: bool,
+    tie_word_embeddings: bool,
+) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size,
+        hidden_size: 16,
+        intermediate_size: 24,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 4,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        max_position_embeddings: 64,
+        tie_word_embeddings,
+        attention_bias,
+        bos_token_id: Some(1),
+        eos_token_id: Some(2),
+    }
 }
 
 /// `n` short story-like conversations; example `i`'s answer has `1 + i % 5`

@@ -7,20 +7,13 @@
 use std::path::Path;
 
 use dsel_basetrain::{finetune, FinetuneConfig};
-use dsel_model::LoraConfig;
 use dsel_train::TrainConfig;
 use dsel_valtune::{valtune, ValtuneConfig};
 
 /// The cpu preset's base fine-tune shape (micro-batch 8, 3% warmup, HF schedule).
 fn base_cfg() -> FinetuneConfig {
     FinetuneConfig {
-        lora: LoraConfig {
-            rank: 4,
-            alpha: 8.0,
-            dropout: 0.0,
-            targets: ["q", "k", "v", "o"].map(String::from).to_vec(),
-            seed: 1,
-        },
+        lora: dsel_testkit::attention_lora(1),
         train: TrainConfig {
             epochs: 1,
             lr: 2e-3,

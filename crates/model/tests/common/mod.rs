@@ -1,37 +1,53 @@
 //! Shared helpers for the model tests: data paths, tiny random models.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use dsel_model::rng::hash_words;
 use dsel_model::{Batch, LlamaConfig, LoraConfig, Model, RawModel};
 
-pub use dsel_testkit::data_root;
+pub use dsel_testkit::stories_dir;
 
-/// The stories260K Hugging Face folder.
-pub fn stories_dir() -> PathBuf {
-    data_root().join("models/stories260K/hf")
+/// The tensors of stories260K's HF safetensors (all f32), read directly
+/// with the `safetensors` crate: name → (shape, values).
+pub fn stories_hf_tensors() -> HashMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(stories_dir().join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+            let v: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (name, (view.shape().to_vec(), v))
+        })
+        .collect()
+}
+
+/// Asserts stories260K's shape: hidden 64, MLP 172, 5 layers, 8 heads of
+/// dimension 8 over 4 KV heads, 512 tokens and positions, tied embeddings,
+/// no attention biases.
+pub fn assert_stories260k_shape(c: &LlamaConfig) {
+    assert_eq!(
+        (c.hidden_size, c.intermediate_size, c.num_hidden_layers),
+        (64, 172, 5)
+    );
+    assert_eq!(
+        (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+        (8, 4, 8)
+    );
+    assert_eq!((c.vocab_size, c.max_position_embeddings), (512, 512));
+    assert!(c.tie_word_embeddings);
+    assert!(!c.attention_bias);
 }
 
 /// A tiny config: GQA (4 heads, 2 KV heads), optional biases and tying.
 pub fn tiny_config(bias: bool, tied: bool) -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 37,
-        hidden_size: 16,
-        intermediate_size: 24,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 4,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        max_position_embeddings: 64,
-        tie_word_embeddings: tied,
-        attention_bias: bias,
-        bos_token_id: Some(1),
-        eos_token_id: Some(2),
-    }
+    dsel_testkit::tiny_llama_config(37, bias, tied)
 }
 
 /// Random weights for `cfg` in HF naming, seeded.

@@ -8,22 +8,7 @@ use dsel_online::SelectContext;
 
 /// A tiny GQA config.
 pub fn tiny_config(vocab: usize) -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: vocab,
-        hidden_size: 16,
-        intermediate_size: 24,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 4,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        max_position_embeddings: 64,
-        tie_word_embeddings: false,
-        attention_bias: false,
-        bos_token_id: Some(1),
-        eos_token_id: Some(2),
-    }
+    dsel_testkit::tiny_llama_config(vocab, false, false)
 }
 
 /// Random HF-named weights for `cfg`.
@@ -134,11 +119,7 @@ pub const STORIES: [&str; 10] = [
 /// The real stories260K model (Hugging Face folder under the shared data
 /// root; `DSEL_DATA_ROOT` overrides), its tensors converted to `dtype`.
 pub fn stories_raw(dtype: DType) -> RawModel {
-    let root = match std::env::var("DSEL_DATA_ROOT") {
-        Ok(p) if !p.is_empty() => std::path::PathBuf::from(p),
-        _ => std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data")),
-    };
-    let mut raw = dsel_model::load_hf(&root.join("models/stories260K/hf"), &Device::Cpu).unwrap();
+    let mut raw = dsel_model::load_hf(&dsel_testkit::stories_dir(), &Device::Cpu).unwrap();
     for t in raw.tensors.values_mut() {
         *t = t.to_dtype(dtype).unwrap();
     }
