@@ -1,12 +1,10 @@
 //! Evaluators against hand computations on a tiny random Llama with the real
 //! stories260K tokenizer and real MMLU / BBH / TyDiQA test prompts.
 
-use std::collections::HashMap;
-
 use candle_core::{DType, Device, IndexOp};
 use dsel_eval::*;
 use dsel_ingest::{load_target_test, Example, Message, TargetSpec, TaskName};
-use dsel_model::{Batch, LlamaConfig, Mode, Model, RawModel};
+use dsel_model::{Batch, LlamaConfig, Mode, Model};
 use dsel_tokenize::ChatFormat;
 use tokenizers::Tokenizer;
 
@@ -34,47 +32,12 @@ fn tiny_model(seed: u64) -> Model {
         bos_token_id: Some(1),
         eos_token_id: Some(2),
     };
-    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let qd = cfg.num_attention_heads * cfg.head_dim;
-    let kvd = cfg.num_key_value_heads * cfg.head_dim;
-    let mut t = HashMap::new();
-    let mut tag = 0u64;
-    let mut add = |name: String, shape: &[usize], center: f64, scale: f64| {
-        tag += 1;
-        let w = dsel_model::random::random_tensor(seed, tag, shape, center, scale, DType::F32);
-        t.insert(name, w);
+    let scales = dsel_model::random::WeightScales {
+        projection: 0.3,
+        norm: 0.1,
+        ..Default::default()
     };
-    add("model.embed_tokens.weight".into(), &[v, h], 0.0, 1.0);
-    for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        for (n, s) in [
-            ("self_attn.q_proj", [qd, h]),
-            ("self_attn.k_proj", [kvd, h]),
-            ("self_attn.v_proj", [kvd, h]),
-            ("self_attn.o_proj", [h, qd]),
-            ("mlp.gate_proj", [i, h]),
-            ("mlp.up_proj", [i, h]),
-            ("mlp.down_proj", [h, i]),
-        ] {
-            add(format!("{p}.{n}.weight"), &s, 0.0, 0.3);
-        }
-        add(format!("{p}.input_layernorm.weight"), &[h], 1.0, 0.1);
-        add(
-            format!("{p}.post_attention_layernorm.weight"),
-            &[h],
-            1.0,
-            0.1,
-        );
-    }
-    add("model.norm.weight".into(), &[h], 1.0, 0.1);
-    let raw = RawModel {
-        config: cfg,
-        tensors: t,
-        tokenizer: None,
-        chat_template: None,
-        bos_token: None,
-        eos_token: None,
-    };
+    let raw = dsel_model::random::random_weights_with(&cfg, seed, DType::F32, scales);
     Model::new(&raw).unwrap()
 }
 

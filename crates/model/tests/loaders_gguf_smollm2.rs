@@ -12,14 +12,7 @@ use candle_core::Device;
 use dsel_model::{gguf, RawModel};
 
 fn gguf_path() -> Option<PathBuf> {
-    let p = std::env::var_os("DSEL_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-            ))
-        });
+    let p = dsel_testkit::smollm2_gguf();
     if p.is_file() {
         Some(p)
     } else {

@@ -31,6 +31,20 @@ pub fn stories_dir() -> PathBuf {
     data_root().join("models/stories260K/hf")
 }
 
+/// Where the SmolLM2-135M-Instruct Q4_1 GGUF file is looked for:
+/// `DSEL_SMOLLM2_GGUF`, else `models/SmolLM2-135M-Instruct.Q4_1.gguf` at the
+/// top of the workspace (`make model` fetches it; tests skip without it).
+pub fn smollm2_gguf() -> PathBuf {
+    std::env::var_os("DSEL_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+            ))
+        })
+}
+
 /// stories260K loaded on the CPU, as raw weights and as a model.
 pub fn stories() -> (RawModel, Model) {
     let raw = dsel_model::load(&stories_dir(), &Device::Cpu).expect("loading stories260K");

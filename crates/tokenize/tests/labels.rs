@@ -3,15 +3,11 @@
 //! SmolLM2's GGUF tokenizer with its ChatML template when the model file is
 //! present), and the flat arrays round-trip through disk.
 
-use std::path::PathBuf;
-
 use dsel_ingest::{Example, Message};
 use dsel_tokenize::{
     encode, tokenize_to_dir, ChatFormat, Formatter, Skip, TokenizeConfig, TokenizedSet,
 };
 use tokenizers::Tokenizer;
-
-use dsel_testkit::data_root;
 
 fn ex(id: &str, turns: &[(&str, &str)]) -> Example {
     Example {
@@ -27,6 +23,16 @@ fn ex(id: &str, turns: &[(&str, &str)]) -> Example {
             .collect(),
         references: vec![],
     }
+}
+
+/// stories260K's tokenizer and the tulu format with its EOS `</s>`.
+fn stories_tulu() -> (Tokenizer, Formatter) {
+    let tok = Tokenizer::from_file(dsel_testkit::stories_dir().join("tokenizer.json")).unwrap();
+    let fmt = Formatter::new(ChatFormat::Tulu {
+        eos_token: "</s>".into(),
+    })
+    .unwrap();
+    (tok, fmt)
 }
 
 fn label_text(tok: &Tokenizer, ids: &[u32], labels: &[u8]) -> Vec<String> {
@@ -48,12 +54,7 @@ fn label_text(tok: &Tokenizer, ids: &[u32], labels: &[u8]) -> Vec<String> {
 
 #[test]
 fn tulu_labels_decode_to_the_completion_with_stories260k() {
-    let tok =
-        Tokenizer::from_file(data_root().join("models/stories260K/hf/tokenizer.json")).unwrap();
-    let fmt = Formatter::new(ChatFormat::Tulu {
-        eos_token: "</s>".into(),
-    })
-    .unwrap();
+    let (tok, fmt) = stories_tulu();
     let cfg = TokenizeConfig {
         max_len: 512,
         bos_id: Some(1),
@@ -92,12 +93,7 @@ fn tulu_labels_decode_to_the_completion_with_stories260k() {
 
 #[test]
 fn truncation_is_counted_and_label_free_examples_are_skipped() {
-    let tok =
-        Tokenizer::from_file(data_root().join("models/stories260K/hf/tokenizer.json")).unwrap();
-    let fmt = Formatter::new(ChatFormat::Tulu {
-        eos_token: "</s>".into(),
-    })
-    .unwrap();
+    let (tok, fmt) = stories_tulu();
     let cfg = TokenizeConfig {
         max_len: 40,
         bos_id: Some(1),
@@ -184,14 +180,7 @@ fn truncation_is_counted_and_label_free_examples_are_skipped() {
 
 #[test]
 fn chatml_labels_decode_exactly_with_the_smollm2_tokenizer() {
-    let gguf = std::env::var_os("DSEL_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-            ))
-        });
+    let gguf = dsel_testkit::smollm2_gguf();
     if !gguf.exists() {
         eprintln!(
             "SKIP: {} not present (make model fetches it)",
