@@ -11,7 +11,7 @@
 //! recorded blake3 is recomputed (with a warning), never assembled. Each unit's computation depends
 //! only on its own examples and the fixed configuration (batches are planned
 //! inside the shard), so a resumed build, or shards computed by several
-//! workers ([`ShardSel`], `i/N`: shard `s` belongs to worker `s mod N`) whose
+//! workers ([`Shard`], `i/N`: shard `s` belongs to worker `s mod N`) whose
 //! scratch folders are merged, end byte-identical to one uninterrupted run.
 
 use std::path::{Path, PathBuf};
@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use dsel_model::{Batch, Model};
-use dsel_store::{NpyArray, NpyWriter};
+use dsel_store::{Missing, NpyArray, NpyWriter, Shard};
 use dsel_tokenize::TokenizedSet;
 use half::f16;
 use serde::{Deserialize, Serialize};
@@ -120,57 +120,14 @@ pub enum GradientKind {
     Sgd,
 }
 
-/// Which shards this process computes: shard `s` when `s % count == index`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ShardSel {
-    /// This worker, `0..count`.
-    pub index: usize,
-    /// Number of workers.
-    pub count: usize,
-}
-
-impl std::fmt::Display for ShardSel {
-    /// `i/N`, as parsed by [`ShardSel::parse`].
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.index, self.count)
-    }
-}
-
-impl ShardSel {
-    /// Every shard (one worker).
-    pub fn all() -> Self {
-        Self { index: 0, count: 1 }
-    }
-
-    /// Parses `"i/N"` (0-based `i < N`).
-    pub fn parse(s: &str) -> Result<Self> {
-        let (i, n) = s
-            .split_once('/')
-            .with_context(|| format!("shard {s:?}: expected i/N, e.g. 0/4"))?;
-        let index: usize = i
-            .trim()
-            .parse()
-            .with_context(|| format!("shard {s:?}: bad index {i:?}"))?;
-        let count: usize = n
-            .trim()
-            .parse()
-            .with_context(|| format!("shard {s:?}: bad count {n:?}"))?;
-        if count == 0 || index >= count {
-            bail!("shard {s:?}: need 0 <= i < N");
-        }
-        Ok(Self { index, count })
-    }
-
-    fn owns(&self, shard: usize) -> bool {
-        shard % self.count == self.index
-    }
-}
-
 /// Options of one [`build`] call that do not change the result.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
     /// Shards this call computes.
-    pub shard: ShardSel,
+    pub shard: Shard,
+    /// Whether a missing unit is computed or an error (the merge after
+    /// sharded workers).
+    pub missing: Missing,
     /// Stop after computing this many units (simulates an interruption; tests).
     pub stop_after_units: Option<usize>,
     /// Label for logs and the progress bar.
@@ -180,7 +137,8 @@ pub struct BuildOptions {
 impl Default for BuildOptions {
     fn default() -> Self {
         Self {
-            shard: ShardSel::all(),
+            shard: Shard::all(),
+            missing: Missing::Compute,
             stop_after_units: None,
             label: "datastore".into(),
         }
@@ -402,6 +360,35 @@ pub fn build(
         owned * ckpts.len() as u64,
         "ex×ckpt",
     );
+    if opts.missing == Missing::Fail {
+        let absent: Vec<String> = ckpts
+            .iter()
+            .flat_map(|ck| {
+                (0..n_shards)
+                    .filter(|&s| {
+                        read_shard(
+                            &shard_path(scratch, ck.epoch, s),
+                            range_of(s).len(),
+                            cfg.d,
+                            &opts.label,
+                        )
+                        .is_none()
+                    })
+                    .map(move |s| format!("epoch {} shard {s}", ck.epoch))
+            })
+            .collect();
+        if !absent.is_empty() {
+            bail!(
+                "LESS {}: {} of {} units are not finished in {} ({}); run the shard workers \
+                 that own them (shard s belongs to worker s mod N) or run without merging",
+                opts.label,
+                absent.len(),
+                report.units_total,
+                scratch.display(),
+                absent.join(", ")
+            );
+        }
+    }
     let mut progress_pos = 0u64;
     let mut computed_examples = 0usize;
     // Per checkpoint (in order, as far as this call got), which units are finished.

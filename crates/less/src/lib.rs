@@ -25,7 +25,9 @@ pub mod projection;
 pub use adam::{load_moments, precondition, Moments};
 pub use datastore::{
     build, features_file, open_features, BuildOptions, BuildReport, Checkpoint, DatastoreConfig,
-    Examples, GradientKind, ShardSel, DATASTORE_VERSION,
+    Examples, GradientKind, DATASTORE_VERSION,
 };
+/// The worker selection of a sharded build (an alias of [`dsel_store::Shard`]).
+pub use dsel_store::Shard as ShardSel;
 pub use matching::{checkpoint_weights, subtask_groups, MatchReport};
 pub use projection::{normalize_rows, Projector};

@@ -12,6 +12,8 @@
 //! * Sealed scratch files ([`write_sealed`], [`write_npy_sealed`],
 //!   [`check_sealed`]): resumable partial state with a blake3 beside each
 //!   file, checked before a resumed build trusts it.
+//! * Pool-wide work in fixed units ([`shard`]): resumable, split among
+//!   workers `i/N` ([`Shard`]), merged into a single process's bytes.
 //!
 //! ```no_run
 //! use dsel_store::{Store, StageSpec, write_npy};
@@ -34,6 +36,7 @@ pub mod key;
 mod manifest;
 mod npy;
 mod sealed;
+pub mod shard;
 mod store;
 mod table;
 
@@ -47,6 +50,7 @@ pub use sealed::{
     check_sealed, digest_path, is_digest_file, remove_sealed, seal_file, trust_sealed,
     write_npy_sealed, write_sealed, Seal, DIGEST_SUFFIX,
 };
+pub use shard::{Missing, Shard, UnitWork};
 pub use store::{
     default_cache_root, Artifact, ArtifactSummary, Builder, GcItem, GcKind, GcOptions, GcReport,
     Outcome, Problem, Store, VerifyReport,

@@ -16,12 +16,13 @@
 //! shard, examples are batched by length under a token budget to keep
 //! padding low.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use dsel_model::{Batch, Model};
-use dsel_store::{NpyArray, NpyWriter};
+use dsel_store::shard::UnitFile;
+use dsel_store::{NpyArray, UnitWork};
 use dsel_tokenize::TokenizedSet;
 use serde::{Deserialize, Serialize};
 
@@ -67,8 +68,19 @@ pub struct SweepReport {
     pub tokens_per_second: f64,
 }
 
-fn shard_path(scratch: &Path, s: usize, what: &str) -> PathBuf {
-    scratch.join(format!("shard-{s:06}.{what}.npy"))
+/// The sealed files of shard `s` (its examples `range` hold `tokens` tokens).
+fn shard_files(scratch: &Path, s: usize, tokens: usize, examples: usize) -> Vec<UnitFile> {
+    let path = |what: &str| scratch.join(format!("shard-{s:06}.{what}.npy"));
+    vec![
+        UnitFile {
+            path: path("logp"),
+            len: tokens,
+        },
+        UnitFile {
+            path: path("loss"),
+            len: examples,
+        },
+    ]
 }
 
 /// Compute one shard: per-token log-probs (flat, in example order) and per-example mean loss.
@@ -116,16 +128,6 @@ fn sweep_shard(
     Ok((logp, loss))
 }
 
-/// The shard's values when it matches its recorded blake3 and has `expect` values.
-fn read_shard(path: &Path, expect: usize, label: &str) -> Option<Vec<f32>> {
-    if !dsel_store::trust_sealed(path, &format!("sweep {label}")) {
-        return None;
-    }
-    let arr = NpyArray::open(path).ok()?;
-    let v = arr.as_slice::<f32>().ok()?;
-    (v.len() == expect).then(|| v.to_vec())
-}
-
 /// Run (or resume) a sweep of `set` under `model`, keeping shards in
 /// `scratch` and writing `logp.npy` and `loss.npy` into `out`.
 pub fn run(
@@ -135,6 +137,30 @@ pub fn run(
     scratch: &Path,
     out: &Path,
     label: &str,
+) -> Result<SweepReport> {
+    run_with(
+        model,
+        set,
+        cfg,
+        scratch,
+        Some(out),
+        label,
+        UnitWork::default(),
+    )
+}
+
+/// [`run`] for one worker's part: the shards `work` owns are computed (those found finished are
+/// kept), and when every shard is finished and `out` is given, `logp.npy`
+/// and `loss.npy` are written there. Workers `i/N` sharing one scratch
+/// folder ([`dsel_store::shard`]) and one process end with the same bytes.
+pub fn run_with(
+    model: &Model,
+    set: &TokenizedSet,
+    cfg: &SweepConfig,
+    scratch: &Path,
+    out: Option<&Path>,
+    label: &str,
+    work: UnitWork,
 ) -> Result<SweepReport> {
     anyhow::ensure!(
         cfg.shard_examples > 0 && cfg.batch_tokens > 0 && cfg.max_batch > 0,
@@ -146,67 +172,71 @@ pub fn run(
     let offsets = set.offsets();
     let n_shards = n.div_ceil(cfg.shard_examples);
     let total_tokens = offsets[n];
-    let mut progress = dsel_progress::Progress::new(format!("sweep {label}"), total_tokens, "tok");
-    let mut done_tokens = 0u64;
+    let range_of = |s: usize| s * cfg.shard_examples..((s + 1) * cfg.shard_examples).min(n);
+    let tokens_of = |s: usize| {
+        let r = range_of(s);
+        (offsets[r.end] - offsets[r.start]) as usize
+    };
+    let files = |s: usize| shard_files(scratch, s, tokens_of(s), range_of(s).len());
+    let what = format!("sweep {label}");
+    let mut progress = dsel_progress::Progress::new(&what, total_tokens, "tok");
+    let (mut done_tokens, mut computed_tokens) = (0u64, 0u64);
+    let units = dsel_store::shard::run_units::<f32>(
+        n_shards,
+        work,
+        &what,
+        files,
+        |s| {
+            let range = range_of(s);
+            let (lp, loss) = sweep_shard(model, set, range.clone(), cfg)
+                .with_context(|| format!("examples {}..{}", range.start, range.end))?;
+            tracing::debug!("{what}: shard {}/{n_shards} done", s + 1);
+            Ok(vec![lp, loss])
+        },
+        |s, resumed| {
+            let t = tokens_of(s) as u64;
+            done_tokens += t;
+            if resumed && computed_tokens == 0 {
+                // Found done before any work here: not part of the rate.
+                progress.resume_at(done_tokens);
+            } else {
+                if !resumed {
+                    computed_tokens += t;
+                }
+                progress.inc(t);
+            }
+        },
+    )?;
+    progress.finish();
     let mut report = SweepReport {
         examples: n,
         tokens: total_tokens,
+        shards_resumed: units.resumed,
         ..Default::default()
     };
-    let mut computed_tokens = 0u64;
-    for s in 0..n_shards {
-        let range = s * cfg.shard_examples..((s + 1) * cfg.shard_examples).min(n);
-        let shard_tokens = (offsets[range.end] - offsets[range.start]) as usize;
-        let (lp_path, loss_path) = (
-            shard_path(scratch, s, "logp"),
-            shard_path(scratch, s, "loss"),
-        );
-        let done = read_shard(&lp_path, shard_tokens, label).is_some()
-            && read_shard(&loss_path, range.len(), label).is_some();
-        if done {
-            report.shards_resumed += 1;
-            if computed_tokens == 0 {
-                // Found done before any work here: not part of the rate.
-                progress.resume_at(done_tokens + shard_tokens as u64);
-            } else {
-                progress.inc(shard_tokens as u64);
-            }
-        } else {
-            let (lp, loss) = sweep_shard(model, set, range.clone(), cfg).with_context(|| {
-                format!(
-                    "sweep {label}: shard {s} (examples {}..{})",
-                    range.start, range.end
-                )
-            })?;
-            // Each file with its blake3; a shard is finished when both verify.
-            dsel_store::write_npy_sealed(&lp_path, &[lp.len()], &lp)?;
-            dsel_store::write_npy_sealed(&loss_path, &[loss.len()], &loss)?;
-            computed_tokens += shard_tokens as u64;
-            tracing::debug!("sweep {label}: shard {}/{} done", s + 1, n_shards);
-            progress.inc(shard_tokens as u64);
-        }
-        done_tokens += shard_tokens as u64;
+    if let (Some(out), true) = (out, units.complete()) {
+        // Concatenate shards into the final arrays, streaming (memory stays at one shard).
+        dsel_store::shard::concat_units::<f32>(
+            n_shards,
+            &what,
+            files,
+            0,
+            &out.join("logp.npy"),
+            &[],
+        )?;
+        dsel_store::shard::concat_units::<f32>(
+            n_shards,
+            &what,
+            files,
+            1,
+            &out.join("loss.npy"),
+            &[],
+        )?;
     }
-    progress.finish();
-    // Concatenate shards into the final arrays, streaming (memory stays at one shard).
-    let mut logp_w = NpyWriter::<f32>::create(out.join("logp.npy"), &[])?;
-    let mut loss_w = NpyWriter::<f32>::create(out.join("loss.npy"), &[])?;
-    for s in 0..n_shards {
-        let range = s * cfg.shard_examples..((s + 1) * cfg.shard_examples).min(n);
-        let shard_tokens = (offsets[range.end] - offsets[range.start]) as usize;
-        let lp = read_shard(&shard_path(scratch, s, "logp"), shard_tokens, label)
-            .with_context(|| format!("sweep {label}: shard {s} vanished or is corrupt"))?;
-        let loss = read_shard(&shard_path(scratch, s, "loss"), range.len(), label)
-            .with_context(|| format!("sweep {label}: shard {s} vanished or is corrupt"))?;
-        logp_w.write(&lp)?;
-        loss_w.write(&loss)?;
-    }
-    logp_w.finish()?;
-    loss_w.finish()?;
     report.seconds = start.elapsed().as_secs_f64();
     report.tokens_per_second = computed_tokens as f64 / report.seconds.max(1e-9);
     tracing::info!(
-        "sweep {label}: {} examples, {} tokens, {:.0} tok/s{}",
+        "{what}: {} examples, {} tokens, {:.0} tok/s{}{}",
         n,
         total_tokens,
         report.tokens_per_second,
@@ -214,6 +244,14 @@ pub fn run(
             format!(", {} shards resumed", report.shards_resumed)
         } else {
             String::new()
+        },
+        if units.complete() {
+            String::new()
+        } else {
+            format!(
+                "; shard {}: {} of {n_shards} shards computed, {} left to other workers",
+                work.shard, units.computed, units.others
+            )
         }
     );
     Ok(report)
