@@ -244,7 +244,7 @@ fn bad_options_are_usage_errors_that_list_the_values() {
         e.contains("'nope'") && e.contains("possible values: tov, tov-b"),
         "{e}"
     );
-    let o = dsel(tmp.path(), &["less-shard", "--shard", "3/3"]);
+    let o = dsel(tmp.path(), &["select", "--task", "mmlu", "--shard", "3/3"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o.stderr).contains("3/3"), "{}", text(&o.stderr));
 }
@@ -303,4 +303,154 @@ fn bench_runs_a_random_init_model_from_a_shipped_config_shape() {
         stdout.to_lowercase().contains("tok"),
         "a throughput line: {stdout}"
     );
+}
+
+/// A selection sharded as `dsel slurm`'s jobs run it — `select --prepare`,
+/// `select --shard i/N` for every i, `merge` — on one shared cache writes
+/// exactly the bytes of a single `select` (ToV's sweeps with 4 workers;
+/// Grad-Norm's gradient norms and RDS's pool embeddings with 2), and a
+/// merge with a worker missing fails naming the units.
+#[test]
+fn sharded_selection_merges_into_the_bytes_of_a_single_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = fixtures("pipeline").join("toy_target.jsonl");
+    let model = stories_dir();
+    for (method, shards) in [("tov", 4), ("grad-norm", 2), ("rds", 2)] {
+        let dir = tmp.path().join(method);
+        let (single, shared) = (dir.join("single"), dir.join("shared"));
+        let args = |out: &str| -> Vec<String> {
+            [
+                "--task",
+                &s(&target),
+                "--method",
+                method,
+                "--pool",
+                "tiny",
+                "--pool-limit",
+                "80",
+                "--model",
+                &s(&model),
+                "--budget",
+                "8",
+                "--u-size",
+                "16",
+                "--rounds",
+                "1",
+                "--unit-examples",
+                "16",
+                "--out",
+                &s(&dir.join(out)),
+            ]
+            .map(String::from)
+            .to_vec()
+        };
+        let run = |cache: &Path, verb: &str, out: &str, extra: &[String]| {
+            let mut a = vec![verb.to_string()];
+            a.extend(args(out));
+            a.extend_from_slice(extra);
+            dsel(cache, &a.iter().map(String::as_str).collect::<Vec<_>>())
+        };
+        let must = |o: Output, what: &str| {
+            assert!(
+                o.status.success(),
+                "{method} {what}: {}\n{}",
+                text(&o.stdout),
+                text(&o.stderr)
+            );
+        };
+        must(run(&single, "select", "single-run", &[]), "single run");
+        must(
+            run(&shared, "select", "x", &["--prepare".into()]),
+            "prepare",
+        );
+        for i in 0..shards {
+            if i == shards - 1 {
+                let early = run(&shared, "merge", "sharded-run", &[]);
+                assert!(
+                    !early.status.success(),
+                    "{method}: merged with a worker missing"
+                );
+                let err = text(&early.stderr);
+                assert!(err.contains("units are not finished"), "{method}: {err}");
+            }
+            must(
+                run(
+                    &shared,
+                    "select",
+                    "x",
+                    &["--shard".into(), format!("{i}/{shards}")],
+                ),
+                "shard",
+            );
+        }
+        assert!(!dir.join("x").exists(), "a part writes no run folder");
+        must(run(&shared, "merge", "sharded-run", &[]), "merge");
+        for f in ["selection.jsonl", "scores.parquet"] {
+            let a = std::fs::read(dir.join("single-run").join(f)).unwrap();
+            let b = std::fs::read(dir.join("sharded-run").join(f)).unwrap();
+            assert!(
+                a == b,
+                "{method}: {f} of the sharded run differs from the single run's"
+            );
+        }
+    }
+}
+
+/// `dsel slurm` writes the prepare job, a job array of N shard workers and
+/// the merge job, chained by `afterok` in `submit.sh`, each running this
+/// binary on the absolute cache.
+#[test]
+fn slurm_writes_a_job_array_chained_by_afterok() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cache, jobs) = (tmp.path().join("cache"), tmp.path().join("jobs"));
+    let stdout = ok(
+        &cache,
+        &[
+            "slurm",
+            "--shards",
+            "4",
+            "--partition",
+            "gpu",
+            "--gpus-per-task",
+            "1",
+            "--dir",
+            &s(&jobs),
+            "--",
+            "--task",
+            "mmlu",
+            "--method",
+            "less",
+            "--out",
+            "runs/my run",
+        ],
+    );
+    assert!(stdout.contains("submit with: bash"), "{stdout}");
+    let read = |f: &str| std::fs::read_to_string(jobs.join(f)).unwrap();
+    let shard = read("shard.sbatch");
+    for needle in [
+        "#SBATCH --array=0-3",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --gpus-per-task=1",
+        "--shard \"${SLURM_ARRAY_TASK_ID}/4\"",
+        "'runs/my run'",
+        &format!("export DSEL_CACHE={}", s(&cache)),
+    ] {
+        assert!(shard.contains(needle), "{needle} missing from:\n{shard}");
+    }
+    assert!(read("prepare.sbatch")
+        .contains("select --task mmlu --method less --out 'runs/my run' --prepare"));
+    assert!(read("merge.sbatch").contains(" merge --task mmlu"));
+    let submit = read("submit.sh");
+    assert!(
+        submit.contains("--dependency=afterok:$prepare")
+            && submit.contains("--dependency=afterok:$shards"),
+        "{submit}"
+    );
+    let bad = dsel(
+        &cache,
+        &[
+            "slurm", "--shards", "2", "--", "--task", "mmlu", "--shard", "0/2",
+        ],
+    );
+    assert!(!bad.status.success() && text(&bad.stderr).contains("leave out --prepare and --shard"));
 }

@@ -2,6 +2,7 @@
 //! workspace's libraries: every subcommand parses options and calls them.
 
 mod bench;
+mod slurm;
 
 use std::path::PathBuf;
 
@@ -96,9 +97,13 @@ enum Command {
     /// Held-out source recall benchmark: does each method select the target's
     /// own task? (FLAN-CoT tasks held out in turn; writes runs/quality/.)
     Quality(QualityArgs),
-    /// Compute shard i/N of the LESS pool datastore (one of several workers or
-    /// machines); gather the printed folders into one cache, then `select --method less`.
-    LessShard(LessShardArgs),
+    /// Assemble a sharded selection (after `select --prepare` and every
+    /// `select --shard i/N` worker, on the same cache) and select: the same
+    /// arguments as `select`; a unit no worker computed is an error.
+    Merge(RunArgs),
+    /// Write (and with --submit, submit) Slurm jobs that run a selection
+    /// sharded over N tasks: prepare, a job array of shard workers, merge.
+    Slurm(slurm::SlurmArgs),
     /// Inspect and maintain the artifact cache.
     #[command(subcommand)]
     Cache(CacheCommand),
@@ -120,6 +125,24 @@ struct PoolArgs {
 
 #[derive(Args, Debug)]
 struct SelectArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Only the prepare step of a sharded run: ingest, tokenize and the
+    /// small shared stages the pool-wide ones need (fine-tunes, LESS warmup,
+    /// target features); no run folder. Then `--shard i/N`, then `dsel merge`.
+    #[arg(long, conflicts_with = "shard")]
+    prepare: bool,
+    /// Only this worker's part of a sharded run: the units u of every
+    /// pool-wide stage (sweeps, gradient norms, pool embeddings, LESS
+    /// datastore) with u mod N = i, into the cache's scratch folders; needs
+    /// the prepare step's artifacts; no run folder.
+    #[arg(long, value_name = "i/N")]
+    shard: Option<dsel_store::Shard>,
+}
+
+/// One selection: method, output folder and options (`select`, `merge`).
+#[derive(Args, Debug, Clone)]
+struct RunArgs {
     /// Selection method.
     #[arg(long, default_value = "tov")]
     method: Method,
@@ -176,6 +199,12 @@ struct SelectionOptions {
     /// Sweep batch budget in tokens (batch size × padded length).
     #[arg(long, default_value_t = 4096)]
     batch_tokens: usize,
+    /// Examples per unit of the sweeps, gradient norms and embeddings: the
+    /// resumable piece that shard workers divide (unit u goes to worker u
+    /// mod N; the LESS datastore takes its own from the preset). Part of
+    /// those stages' keys.
+    #[arg(long, default_value_t = SweepConfig::default().shard_examples, value_parser = at_least_one)]
+    unit_examples: usize,
     /// How examples longer than the max length are cut.
     #[arg(long, default_value = "keep-completion")]
     truncation: dsel_tokenize::Truncation,
@@ -214,16 +243,11 @@ fn pool_limit_help() -> String {
     };
     format!(
         "Keep this many pool examples (a seeded sample); 0 = the whole pool. Default: select, \
-         compare, train-online and less-shard take the preset's ({} with cpu, {} with paper); \
+         merge, compare and train-online take the preset's ({} with cpu, {} with paper); \
          ingest, tokenize and sweep keep the whole pool",
         show(Preset::Cpu),
         show(Preset::Paper)
     )
-}
-
-/// `--shard i/N`.
-fn parse_shard(s: &str) -> Result<dsel_pipeline::less::ShardSel, String> {
-    dsel_pipeline::less::ShardSel::parse(s).map_err(|e| format!("{e:#}"))
 }
 
 /// A finite number > 0 (a learning rate or ratio of 0 makes every ToV score 0).
@@ -347,29 +371,6 @@ struct TrainOnlineArgs {
 }
 
 #[derive(Args, Debug)]
-struct LessShardArgs {
-    /// This worker's shard: i/N (0-based i < N); shard s is computed when s % N == i.
-    #[arg(long, value_parser = parse_shard)]
-    shard: dsel_pipeline::less::ShardSel,
-    /// Model.
-    #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
-    model: PathBuf,
-    #[command(flatten)]
-    pool: PoolArgs,
-    /// Preset the LESS settings come from.
-    #[arg(long, default_value = "cpu")]
-    preset: Preset,
-    #[arg(long, help = preset_default("Maximum tokens per pool example", |v| v.max_len.to_string()))]
-    max_len: Option<usize>,
-    /// How examples longer than the max length are cut, as given to `select`.
-    #[arg(long, default_value = "keep-completion")]
-    truncation: dsel_tokenize::Truncation,
-    /// Seed (pool sample and warmup subset), as given to `select`.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-}
-
-#[derive(Args, Debug)]
 struct QualityArgs {
     /// Comma-separated FLAN-CoT tasks held out in turn (tuning: ecqa, creak; held out: strategyqa, qasc, sensemaking; keep gsm8k and aqua out of tuning).
     #[arg(
@@ -475,6 +476,12 @@ struct SweepArgs {
     /// Sweep batch budget in tokens (batch size × padded length).
     #[arg(long, default_value_t = 4096)]
     batch_tokens: usize,
+    /// Examples per unit of the sweeps, gradient norms and embeddings: the
+    /// resumable piece that shard workers divide (unit u goes to worker u
+    /// mod N; the LESS datastore takes its own from the preset). Part of
+    /// those stages' keys.
+    #[arg(long, default_value_t = SweepConfig::default().shard_examples, value_parser = at_least_one)]
+    unit_examples: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -561,6 +568,7 @@ fn select_request(a: SelectionOptions, method: Method, out: PathBuf) -> Result<S
         bin_by: a.bin_by.unwrap_or(tov.bin_by),
         sweep: SweepConfig {
             batch_tokens: a.batch_tokens,
+            shard_examples: a.unit_examples,
             ..SweepConfig::default()
         },
         valtune: ValtuneConfig {
@@ -576,7 +584,8 @@ fn select_request(a: SelectionOptions, method: Method, out: PathBuf) -> Result<S
     Ok(req)
 }
 
-fn run_select(g: &Global, a: SelectArgs) -> Result<()> {
+fn run_select(g: &Global, a: SelectArgs, work: dsel_pipeline::Work) -> Result<()> {
+    let a = a.run;
     let out = match a.out {
         Some(o) => o,
         None => PathBuf::from(format!(
@@ -588,6 +597,24 @@ fn run_select(g: &Global, a: SelectArgs) -> Result<()> {
     let req = select_request(a.opts, a.method, out)?;
     let out = req.out_dir.clone();
     let mut p = g.pipeline()?;
+    p.work = work;
+    if work.is_part() {
+        let t = std::time::Instant::now();
+        methods::select_part(&mut p, &req)?;
+        let what = match work {
+            dsel_pipeline::Work::Shard(s) => format!("shard {s}"),
+            _ => "prepare step".to_string(),
+        };
+        println!(
+            "{what} of {} for {} done in {:.1}s ({} stages); cache {}",
+            req.method.name(),
+            req.task,
+            t.elapsed().as_secs_f64(),
+            p.records.len(),
+            p.store.root().display()
+        );
+        return Ok(());
+    }
     let s = methods::select(&mut p, &req)?;
     let hits = s.stages.iter().filter(|r| r.cache_hit).count();
     println!(
@@ -611,7 +638,8 @@ fn run_select(g: &Global, a: SelectArgs) -> Result<()> {
         .filter(|r| r.cache_hit)
         .filter_map(|r| p.store.show(&r.key).ok())
         .map(|m| m.build_seconds)
-        .sum();
+        .sum::<f64>()
+        + 0.0; // an empty sum is -0.0
     println!(
         "stages: {} run, {} cache hits; wall {:.1}s; the hits saved {:.0}s of recorded build time",
         s.stages.len() - hits,
@@ -697,7 +725,14 @@ fn run() -> Result<()> {
         );
     }
     match cli.command {
-        Command::Select(a) => run_select(&g, a),
+        Command::Select(a) => {
+            let work = match (a.prepare, a.shard) {
+                (true, _) => dsel_pipeline::Work::Prepare,
+                (false, Some(s)) => dsel_pipeline::Work::Shard(s),
+                (false, None) => dsel_pipeline::Work::All,
+            };
+            run_select(&g, a, work)
+        }
         Command::Ingest(a) => {
             let mut p = g.pipeline()?;
             let arts = run_ingest(&g, &a, &mut p)?;
@@ -730,7 +765,9 @@ fn run() -> Result<()> {
                 batch_tokens: a.batch_tokens,
                 ..SweepConfig::default()
             };
-            let sw = p.sweep("base model", &tok, None, &cfg)?;
+            let sw = p
+                .sweep("base model", &tok, None, &cfg)?
+                .context("the sweep was not assembled")?;
             print_artifacts(
                 &p,
                 &[
@@ -862,42 +899,16 @@ fn run() -> Result<()> {
             );
             Ok(())
         }
-        Command::LessShard(a) => {
-            let shard = a.shard;
-            let values = a.preset.values();
-            let mut p = g.pipeline()?;
-            p.load_model(&a.model)?;
-            let pool_ing =
-                p.ingest_pool(&a.pool.pool, &subset(&a.pool, values.pool_limit, a.seed))?;
-            let pool_tok = p.tokenize(
-                &pool_ing,
-                a.max_len.unwrap_or(values.max_len),
-                a.truncation,
-                "pool",
-            )?;
-            let cfg = a.preset.less(a.seed);
-            let o = dsel_pipeline::less::datastore_shard(&mut p, &pool_tok, &cfg, shard)?;
-            match o.report {
-                None => println!(
-                    "the datastore is already built in this cache; nothing to do ({})",
-                    o.scratch.display()
-                ),
-                Some(r) => println!(
-                    "shard {}: {} of {} units computed ({} found done) in {:.0}s, {:.2} examples/s\n\
-                     units are in {}\n\
-                     copy the files of every shard's folder into that folder of one cache, then run \
-                     `dsel select --method less` there with the same pool, model, preset and seed",
-                    a.shard,
-                    r.units_computed,
-                    r.units_total,
-                    r.units_resumed,
-                    r.seconds,
-                    r.examples_per_second,
-                    o.scratch.display()
-                ),
-            }
-            Ok(())
-        }
+        Command::Merge(a) => run_select(
+            &g,
+            SelectArgs {
+                run: a,
+                prepare: false,
+                shard: None,
+            },
+            dsel_pipeline::Work::Merge,
+        ),
+        Command::Slurm(a) => slurm::run(&g, a),
         Command::Cache(c) => run_cache(&g, c),
         Command::Bench(a) => bench::run(&a),
     }
@@ -1095,13 +1106,21 @@ mod tests {
             msg.contains("nope") && msg.contains("possible values: tov, tov-b"),
             "{msg}"
         );
-        let e = Cli::try_parse_from(["dsel", "less-shard", "--shard", "4/4"]).unwrap_err();
-        assert!(e.to_string().contains("4/4"), "{e}");
-        let c = Cli::try_parse_from(["dsel", "less-shard", "--shard", "1/4"]).unwrap();
-        let Command::LessShard(a) = c.command else {
-            panic!("less-shard")
+        let sel = |extra: &[&str]| {
+            let mut argv = vec!["dsel", "select", "--task", "mmlu"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv)
         };
-        assert_eq!(a.shard.to_string(), "1/4");
+        let e = sel(&["--shard", "4/4"]).unwrap_err();
+        assert!(e.to_string().contains("4/4"), "{e}");
+        let Command::Select(a) = sel(&["--shard", "1/4"]).unwrap().command else {
+            panic!("select")
+        };
+        assert_eq!(a.shard.map(|s| s.to_string()).as_deref(), Some("1/4"));
+        assert!(
+            sel(&["--shard", "1/4", "--prepare"]).is_err(),
+            "one part at a time"
+        );
     }
 
     #[test]
@@ -1112,7 +1131,7 @@ mod tests {
             let Command::Select(a) = Cli::try_parse_from(argv).unwrap().command else {
                 panic!("select")
             };
-            select_request(a.opts, a.method, PathBuf::from("out")).unwrap()
+            select_request(a.run.opts, a.run.method, PathBuf::from("out")).unwrap()
         };
         let tov = Preset::Cpu.values().tov;
         let d = parse(&[]);

@@ -17,9 +17,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use dsel_basetrain::{FinetuneConfig, FinetuneReport};
-use dsel_less::{BuildOptions, BuildReport, Checkpoint, DatastoreConfig, GradientKind};
+use dsel_less::{BuildOptions, Checkpoint, DatastoreConfig, GradientKind};
 use dsel_model::LoraConfig;
-use dsel_store::{Artifact, StageSpec};
+use dsel_store::{Artifact, StageSpec, UnitWork};
 use dsel_tokenize::TokenizedSet;
 use dsel_train::{AdamWConfig, TrainConfig};
 use rand::seq::index::sample;
@@ -29,8 +29,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::Pipeline;
-
-pub use dsel_less::ShardSel;
 
 /// Stage name of the pool datastore.
 pub const DATASTORE_STAGE: &str = "less-datastore";
@@ -195,7 +193,10 @@ fn feature_spec(
     .with_seed(cfg.seed))
 }
 
-/// Builds (or reuses) one feature stage over `set`.
+/// Builds (or reuses) one feature stage over `set`: the pool datastore is
+/// a pool-wide stage (`None` when this process only did its part, see
+/// [`crate::Work`]), the validation features an ordinary one. Returns the
+/// artifact, whether it was a cache hit and the seconds it took here.
 #[allow(clippy::too_many_arguments)]
 fn feature_stage(
     p: &mut Pipeline,
@@ -206,35 +207,37 @@ fn feature_stage(
     ckpts: &[Checkpoint],
     kind: GradientKind,
     cfg: &DatastoreConfig,
-) -> Result<(Artifact, bool, f64, Option<BuildReport>)> {
+) -> Result<Option<(Artifact, bool, f64)>> {
     let spec = feature_spec(p, stage, set_art, warm, ckpts, kind, cfg)?;
     let set = TokenizedSet::open(set_art.dir())?;
     let mut model = p.fresh_model()?;
-    let mut built: Option<BuildReport> = None;
-    let o = p.store.get_or_build(&spec, |b| {
+    let mut run = |scratch: &Path, out: Option<&Path>, work: UnitWork| {
         let opts = BuildOptions {
             label: label.to_string(),
+            shard: work.shard,
+            missing: work.missing,
             ..Default::default()
         };
-        let rep = dsel_less::build(
-            &mut model,
-            &set,
-            ckpts,
-            kind,
-            cfg,
-            &b.scratch_dir(),
-            Some(b.dir()),
-            &opts,
-        )?;
-        if !rep.complete {
+        let rep = dsel_less::build(&mut model, &set, ckpts, kind, cfg, scratch, out, &opts)?;
+        if out.is_some() && !rep.complete {
             bail!("LESS {label}: build finished with missing shards");
         }
-        b.set_info(serde_json::to_value(&rep)?);
-        built = Some(rep);
-        Ok(())
-    })?;
-    p.record(stage, label, &o);
-    Ok((o.artifact.clone(), o.cache_hit, o.seconds, built))
+        Ok(serde_json::to_value(&rep)?)
+    };
+    if stage != DATASTORE_STAGE {
+        let o = p.build(&spec, |b| {
+            let info = run(&b.scratch_dir(), Some(b.dir()), UnitWork::default())?;
+            b.set_info(info);
+            Ok(())
+        })?;
+        p.record(stage, label, &o);
+        return Ok(Some((o.artifact, o.cache_hit, o.seconds)));
+    }
+    let t = Instant::now();
+    Ok(p.pool_stage(&spec, label, run)?.map(|a| {
+        let hit = p.records.last().is_some_and(|r| r.cache_hit);
+        (a, hit, t.elapsed().as_secs_f64())
+    }))
 }
 
 /// The warmup fine-tune (cached): its artifact, the checkpoints of its
@@ -270,78 +273,16 @@ fn warmup(
     Ok((warm, ckpts, lrs, indices.len()))
 }
 
-/// What [`datastore_shard`] did.
-#[derive(Debug, Clone)]
-pub struct ShardOutcome {
-    /// The scratch folder holding the finished units (copy its files into the
-    /// same folder of the cache that assembles the datastore).
-    pub scratch: std::path::PathBuf,
-    /// The build report of this call (`None` when the datastore was already built).
-    pub report: Option<BuildReport>,
-}
-
-/// Computes this worker's shards of the pool datastore (`shard` = `i/N`)
-/// into the datastore's scratch folder, without assembling the artifact.
-/// Run every `i` (on one or several machines, each with the same model,
-/// pool and config: the warmup is deterministic, so each computes the same
-/// one), gather the scratch folders' files into one cache, and the next
-/// `select --method less` there finds every unit done and assembles the same
-/// bytes as a single run.
-pub fn datastore_shard(
-    p: &mut Pipeline,
-    pool_tok: &Artifact,
-    cfg: &LessConfig,
-    shard: dsel_less::ShardSel,
-) -> Result<ShardOutcome> {
-    let set = TokenizedSet::open(pool_tok.dir())?;
-    anyhow::ensure!(!set.is_empty(), "LESS needs a non-empty pool");
-    let (warm, ckpts, _, _) = warmup(p, pool_tok, set.len(), cfg)?;
-    let spec = feature_spec(
-        p,
-        DATASTORE_STAGE,
-        pool_tok,
-        &warm,
-        &ckpts,
-        GradientKind::Adam,
-        &cfg.datastore,
-    )?;
-    let scratch = p.store.scratch_dir_of(&spec)?;
-    if p.store.lookup(&spec)?.is_some() {
-        return Ok(ShardOutcome {
-            scratch,
-            report: None,
-        });
-    }
-    let mut model = p.fresh_model()?;
-    let opts = BuildOptions {
-        shard,
-        label: format!("pool datastore shard {}/{}", shard.index, shard.count),
-        ..Default::default()
-    };
-    let rep = dsel_less::build(
-        &mut model,
-        &set,
-        &ckpts,
-        GradientKind::Adam,
-        &cfg.datastore,
-        &scratch,
-        None,
-        &opts,
-    )?;
-    Ok(ShardOutcome {
-        scratch,
-        report: Some(rep),
-    })
-}
-
 /// Runs LESS on a tokenized pool and a tokenized target (validation
-/// examples, with subtasks in their index); returns one score per pool example.
+/// examples, with subtasks in their index); returns one score per pool
+/// example (`None` when this process only did its part of the datastore,
+/// see [`crate::Work`]).
 pub fn score(
     p: &mut Pipeline,
     pool_tok: &Artifact,
     target_tok: &Artifact,
     cfg: &LessConfig,
-) -> Result<LessScores> {
+) -> Result<Option<LessScores>> {
     let pool = TokenizedSet::open(pool_tok.dir())?;
     let target = TokenizedSet::open(target_tok.dir())?;
     let n = pool.len();
@@ -370,19 +311,8 @@ pub fn score(
     let weights = dsel_less::checkpoint_weights(&lrs)?;
     let epochs: Vec<usize> = ckpts.iter().map(|c| c.epoch).collect();
 
-    // 2. Datastore (target independent).
-    let (store_art, store_hit, store_secs, store_rep) = feature_stage(
-        p,
-        DATASTORE_STAGE,
-        "pool datastore",
-        pool_tok,
-        &warm,
-        &ckpts,
-        GradientKind::Adam,
-        &cfg.datastore,
-    )?;
-    // 3. Validation features.
-    let (val_art, val_hit, val_secs, _) = feature_stage(
+    // 2. Validation features (small: the prepare step of a sharded run builds them).
+    let (val_art, val_hit, val_secs) = feature_stage(
         p,
         VALFEAT_STAGE,
         "validation features",
@@ -391,7 +321,22 @@ pub fn score(
         &ckpts,
         GradientKind::Sgd,
         &cfg.datastore,
-    )?;
+    )?
+    .expect("validation features are not pool-wide");
+    // 3. Datastore (target independent, pool-wide).
+    let Some((store_art, store_hit, store_secs)) = feature_stage(
+        p,
+        DATASTORE_STAGE,
+        "pool datastore",
+        pool_tok,
+        &warm,
+        &ckpts,
+        GradientKind::Adam,
+        &cfg.datastore,
+    )?
+    else {
+        return Ok(None);
+    };
 
     // 4. Matching.
     let d = cfg.datastore.d;
@@ -407,10 +352,7 @@ pub fn score(
     let datastore_bytes: u64 = train.iter().map(|a| (a.len() * 2) as u64).sum();
     let info = &store_art.manifest().info;
     let params = info["params"].as_u64();
-    let examples_per_second = store_rep
-        .as_ref()
-        .map(|r| r.examples_per_second)
-        .or_else(|| info["examples_per_second"].as_f64());
+    let examples_per_second = info["examples_per_second"].as_f64();
     let report = json!({
         "warmup_examples": warmup_examples,
         "warmup_seconds": warmup_seconds,
@@ -432,7 +374,7 @@ pub fn score(
         "weights": weights,
     });
     tracing::info!("LESS: {report}");
-    Ok(LessScores { scores, report })
+    Ok(Some(LessScores { scores, report }))
 }
 
 /// Formats a score like the reference (`round(score, 6)` printed by Python).
@@ -619,7 +561,7 @@ mod tests {
                 dsel_ingest::TargetSpec::parse(&fixture(target).display().to_string()).unwrap();
             let t = p.ingest_target(&spec).unwrap();
             let t = p.tokenize(&t, 64, Default::default(), "target").unwrap();
-            score(p, &pool_tok, &t, &cfg).unwrap()
+            score(p, &pool_tok, &t, &cfg).unwrap().unwrap()
         };
         let s1 = run(&mut p, "toy_target.jsonl");
         assert_eq!(s1.scores.len(), ids.len());
@@ -651,35 +593,14 @@ mod tests {
         assert_eq!(text.lines().count(), ids.len() + 1);
     }
 
-    /// `--shard i/N` workers in separate caches, their scratch files gathered
-    /// into one: the assembled datastore has the same bytes as one run's, and
-    /// assembling computes nothing.
+    /// A sharded run on one shared cache (prepare step, workers 0/2 and
+    /// 1/2, merge), each step its own pipeline as on its own node: the
+    /// merged datastore has the bytes of a single run's, the merge computes
+    /// nothing, and a merge with a worker missing names what is missing.
     #[test]
     fn sharded_datastore_builds_merge_into_the_same_bytes() {
         let tmp = tempfile::tempdir().unwrap();
         let cfg = toy_config();
-        let setup = |cache: &str| toy_pool(tmp.path(), cache);
-        let shard = |i| dsel_less::ShardSel::parse(&format!("{i}/2")).unwrap();
-        let (mut pa, tok_a) = setup("a");
-        let a = datastore_shard(&mut pa, &tok_a, &cfg, shard(0)).unwrap();
-        let (mut pb, tok_b) = setup("b");
-        let b = datastore_shard(&mut pb, &tok_b, &cfg, shard(1)).unwrap();
-        let (ra, rb) = (a.report.unwrap(), b.report.unwrap());
-        assert!(!ra.complete && !rb.complete);
-        assert!(ra.units_computed > 0 && rb.units_computed > 0);
-        assert_eq!(ra.units_computed + rb.units_computed, ra.units_total);
-        fn copy_tree(from: &Path, to: &Path) {
-            std::fs::create_dir_all(to).unwrap();
-            for e in std::fs::read_dir(from).unwrap() {
-                let e = e.unwrap();
-                if e.file_type().unwrap().is_dir() {
-                    copy_tree(&e.path(), &to.join(e.file_name()));
-                } else {
-                    std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-                }
-            }
-        }
-        copy_tree(&b.scratch, &a.scratch);
         let target = |p: &mut Pipeline| {
             let spec =
                 dsel_ingest::TargetSpec::parse(&fixture("toy_target.jsonl").display().to_string())
@@ -687,35 +608,44 @@ mod tests {
             let t = p.ingest_target(&spec).unwrap();
             p.tokenize(&t, 64, Default::default(), "target").unwrap()
         };
-        let t_a = target(&mut pa);
-        let merged = score(&mut pa, &tok_a, &t_a, &cfg).unwrap();
-        let (mut pc, tok_c) = setup("c");
+        let step = |work: crate::Work| {
+            let (mut p, tok) = toy_pool(tmp.path(), "shared");
+            p.work = work;
+            let t = target(&mut p);
+            let s = score(&mut p, &tok, &t, &cfg);
+            (p, s)
+        };
+        let shard = |i| crate::Work::Shard(dsel_store::Shard::parse(&format!("{i}/2")).unwrap());
+        assert!(step(crate::Work::Prepare).1.unwrap().is_none());
+        assert!(step(shard(0)).1.unwrap().is_none());
+        let Err(early) = step(crate::Work::Merge).1 else {
+            panic!("merged with worker 1/2 missing")
+        };
+        assert!(
+            format!("{early:#}").contains("units are not finished"),
+            "{early:#}"
+        );
+        assert!(step(shard(1)).1.unwrap().is_none());
+        let (pa, merged) = step(crate::Work::Merge);
+        let merged = merged.unwrap().unwrap();
+        let (mut pc, tok_c) = toy_pool(tmp.path(), "single");
         let t_c = target(&mut pc);
-        let single = score(&mut pc, &tok_c, &t_c, &cfg).unwrap();
+        let single = score(&mut pc, &tok_c, &t_c, &cfg).unwrap().unwrap();
         assert_eq!(merged.scores, single.scores);
-        let datastore_file = |p: &Pipeline| {
+        let datastore = |p: &Pipeline| {
             let r = p
                 .records
                 .iter()
                 .find(|r| r.stage == DATASTORE_STAGE)
                 .unwrap();
-            let art = p.store.open_artifact(&r.key).unwrap();
-            std::fs::read(art.path(&dsel_less::features_file(1))).unwrap()
+            p.store.open_artifact(&r.key).unwrap()
         };
-        assert_eq!(datastore_file(&pa), datastore_file(&pc));
-        let info = &pa
-            .store
-            .open_artifact(
-                &pa.records
-                    .iter()
-                    .find(|r| r.stage == DATASTORE_STAGE)
-                    .unwrap()
-                    .key,
-            )
-            .unwrap()
-            .manifest()
-            .info
-            .clone();
+        let file = dsel_less::features_file(1);
+        assert_eq!(
+            std::fs::read(datastore(&pa).path(&file)).unwrap(),
+            std::fs::read(datastore(&pc).path(&file)).unwrap()
+        );
+        let info = datastore(&pa).manifest().info.clone();
         assert_eq!(
             info["units_computed"], 0,
             "assembly computes nothing: {info}"
@@ -757,7 +687,7 @@ mod tests {
             let spec = dsel_ingest::TargetSpec::parse(task).unwrap();
             let t = p.ingest_target(&spec).unwrap();
             let t = p.tokenize(&t, 256, Default::default(), "target").unwrap();
-            let s = score(&mut p, &pool_tok, &t, &cfg).unwrap();
+            let s = score(&mut p, &pool_tok, &t, &cfg).unwrap().unwrap();
             let top =
                 dsel_select::top_n(&s.scores, &all, (ids.len() as f64 * 0.05).round() as usize);
             let mut by_source = std::collections::BTreeMap::<String, usize>::new();

@@ -26,7 +26,7 @@ use dsel_basetrain::FinetuneConfig;
 use dsel_ingest::{Example, SubsetOptions, TargetSpec};
 use dsel_model::{LoraConfig, Model, Precision, RawModel};
 use dsel_select::StageRecord;
-use dsel_store::{Artifact, Outcome, StageSpec, Store};
+use dsel_store::{Artifact, Missing, Outcome, Shard, StageSpec, Store, UnitWork};
 use dsel_sweep::SweepConfig;
 use dsel_tokenize::{ChatFormat, Formatter, TokenizeConfig, TokenizedSet};
 use dsel_valtune::ValtuneConfig;
@@ -42,6 +42,39 @@ pub struct LoadedModel {
     pub raw: RawModel,
 }
 
+/// What this process does of a run, for sharding it over workers
+/// (`dsel select --prepare`, `--shard i/N`, `dsel merge`; see
+/// ARCHITECTURE.md, "Sharded runs"). A **pool-wide** stage is one whose
+/// work is over every pool example (the loss sweeps, gradient norms, pool
+/// embeddings, the LESS datastore); it is computed in units
+/// ([`dsel_store::shard`]) that workers share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Work {
+    /// Build every stage (resuming whatever is found finished): a plain run.
+    #[default]
+    All,
+    /// The prepare step: build the shared stages the pool-wide ones need
+    /// (ingest, tokenize, fine-tunes, the LESS warmup, target features) and
+    /// no unit of a pool-wide stage.
+    Prepare,
+    /// A shard worker: compute this worker's units of every pool-wide stage
+    /// into the stage's scratch folder. Every other stage must be built
+    /// already (by the prepare step), so no two workers ever write one
+    /// artifact and no lock has to hold across machines.
+    Shard(Shard),
+    /// The merge step: assemble every pool-wide stage from the workers'
+    /// units (a missing unit is an error naming it, never recomputed
+    /// here), then run the rest of the method.
+    Merge,
+}
+
+impl Work {
+    /// True for the steps that do part of a run and write no run folder.
+    pub fn is_part(self) -> bool {
+        matches!(self, Work::Prepare | Work::Shard(_))
+    }
+}
+
 /// Stage runner over an artifact store.
 pub struct Pipeline {
     /// The artifact store.
@@ -52,6 +85,8 @@ pub struct Pipeline {
     pub device: Device,
     /// Stages run so far, in order.
     pub records: Vec<StageRecord>,
+    /// What this process does of the run (see [`Work`]).
+    pub work: Work,
     /// Precision of every model's matrix products (see [`Pipeline::set_precision`]).
     precision: Precision,
     model: Option<LoadedModel>,
@@ -105,6 +140,7 @@ impl Pipeline {
             data_root: data_root.to_path_buf(),
             device: Device::Cpu,
             records: Vec::new(),
+            work: Work::All,
             precision: Precision::fastest(),
             model: None,
         };
@@ -159,6 +195,97 @@ impl Pipeline {
         });
     }
 
+    /// Builds (or reuses) the artifact of a stage that is not pool-wide. A
+    /// shard worker ([`Work::Shard`]) only reuses it: building it there
+    /// would have every worker write the same artifact, so a missing one
+    /// is an error that says to run the prepare step first.
+    pub(crate) fn build(
+        &mut self,
+        spec: &StageSpec,
+        build: impl FnOnce(&mut dsel_store::Builder) -> Result<()>,
+    ) -> Result<Outcome> {
+        if let Work::Shard(s) = self.work {
+            let t = Instant::now();
+            return match self.store.lookup(spec)? {
+                Some(artifact) => Ok(Outcome {
+                    artifact,
+                    cache_hit: true,
+                    seconds: t.elapsed().as_secs_f64(),
+                }),
+                None => anyhow::bail!(
+                    "shard worker {s}: stage {} ({}) is not built in {}; a shard worker only \
+                     computes its units of the pool-wide stages, so run the prepare step \
+                     first (the same `dsel select` arguments with --prepare, on a cache \
+                     every worker shares)",
+                    spec.stage,
+                    spec.key().short(),
+                    self.store.root().display()
+                ),
+            };
+        }
+        self.store.get_or_build(spec, build)
+    }
+
+    /// Runs a pool-wide stage as [`Work`] says. `run(scratch, out, work)`
+    /// computes the units `work` asks for into `scratch` and, when given
+    /// `out`, assembles the artifact's files there (every unit is finished
+    /// then) and returns its manifest info. `None` when this process only
+    /// did its part (prepare step, shard worker) and the artifact is not
+    /// built yet.
+    pub(crate) fn pool_stage(
+        &mut self,
+        spec: &StageSpec,
+        label: &str,
+        mut run: impl FnMut(&Path, Option<&Path>, UnitWork) -> Result<serde_json::Value>,
+    ) -> Result<Option<Artifact>> {
+        let work = match self.work {
+            Work::All => UnitWork::default(),
+            Work::Merge => UnitWork {
+                shard: Shard::all(),
+                missing: Missing::Fail,
+            },
+            part => {
+                let t = Instant::now();
+                if let Some(artifact) = self.store.lookup(spec)? {
+                    let o = Outcome {
+                        artifact,
+                        cache_hit: true,
+                        seconds: t.elapsed().as_secs_f64(),
+                    };
+                    self.record(&spec.stage, label, &o);
+                    return Ok(Some(o.artifact));
+                }
+                if let Work::Shard(shard) = part {
+                    let scratch = self.store.scratch_dir_of(spec)?;
+                    run(
+                        &scratch,
+                        None,
+                        UnitWork {
+                            shard,
+                            missing: Missing::Compute,
+                        },
+                    )?;
+                    tracing::info!(
+                        "{} [{label}]: shard {shard} done in {:.1}s ({})",
+                        spec.stage,
+                        t.elapsed().as_secs_f64(),
+                        scratch.display()
+                    );
+                } else {
+                    tracing::info!("{} [{label}]: left to the shard workers", spec.stage);
+                }
+                return Ok(None);
+            }
+        };
+        let o = self.store.get_or_build(spec, |b| {
+            let info = run(&b.scratch_dir(), Some(b.dir()), work)?;
+            b.set_info(info);
+            Ok(())
+        })?;
+        self.record(&spec.stage, label, &o);
+        Ok(Some(o.artifact))
+    }
+
     /// Load the model at `path` (once per pipeline; the same path is reused).
     pub fn load_model(&mut self, path: &Path) -> Result<&LoadedModel> {
         if self.model.as_ref().map(|m| m.path.as_path()) != Some(path) {
@@ -200,7 +327,7 @@ impl Pipeline {
         )
         .with_seed(opts.seed);
         let root = self.data_root.clone();
-        let o = self.store.get_or_build(&spec, |b| {
+        let o = self.build(&spec, |b| {
             let (examples, report) = dsel_ingest::load_pool(mixture, &root, opts)?;
             dsel_ingest::write_examples_parquet(&b.path("examples.parquet"), &examples)?;
             b.set_info(serde_json::to_value(&report)?);
@@ -228,7 +355,7 @@ impl Pipeline {
             json!({"kind": "target-validation", "target": name, "fingerprint": fingerprint}),
         );
         let root = self.data_root.clone();
-        let o = self.store.get_or_build(&spec, |b| {
+        let o = self.build(&spec, |b| {
             let (examples, report) = dsel_ingest::load_target_validation(target, &root)?;
             dsel_ingest::write_examples_parquet(&b.path("examples.parquet"), &examples)?;
             b.set_info(serde_json::to_value(&report)?);
@@ -294,7 +421,7 @@ impl Pipeline {
         let spec = StageSpec::new(dsel_tokenize::STAGE, dsel_tokenize::STAGE_VERSION, config)
             .input(examples.key().clone());
         let ex_path = examples.path("examples.parquet");
-        let o = self.store.get_or_build(&spec, |b| {
+        let o = self.build(&spec, |b| {
             let examples = dsel_ingest::read_examples_parquet(&ex_path)?;
             let fmt = Formatter::new(format)?;
             let report =
@@ -345,7 +472,7 @@ impl Pipeline {
         let mut model = self.fresh_model()?;
         let tok = TokenizedSet::open(set.dir())?;
         let start_path = start.map(|s| s.path("adapter.safetensors"));
-        let o = self.store.get_or_build(&spec, |b| {
+        let o = self.build(&spec, |b| {
             let report = dsel_basetrain::finetune(
                 &mut model,
                 start_path.as_deref(),
@@ -383,7 +510,7 @@ impl Pipeline {
         let mut model = self.fresh_model()?;
         let tok = TokenizedSet::open(target.dir())?;
         let start = base.path("adapter.safetensors");
-        let o = self.store.get_or_build(&spec, |b| {
+        let o = self.build(&spec, |b| {
             let report = dsel_valtune::valtune(
                 &mut model,
                 &start,
@@ -400,14 +527,16 @@ impl Pipeline {
         Ok(o.artifact)
     }
 
-    /// Per-token loss sweep of `set` under the base model plus `adapter` (if any).
+    /// Per-token loss sweep of the pool `set` under the base model plus
+    /// `adapter` (if any): a pool-wide stage ([`Pipeline::pool_stage`];
+    /// `None` when this process only did its part).
     pub fn sweep(
         &mut self,
         label: &str,
         set: &Artifact,
         adapter: Option<(&Artifact, &LoraConfig)>,
         cfg: &SweepConfig,
-    ) -> Result<Artifact> {
+    ) -> Result<Option<Artifact>> {
         let fp = self.model_key()?;
         let mut spec = StageSpec::new(
             dsel_sweep::STAGE,
@@ -422,13 +551,10 @@ impl Pipeline {
             model.load_lora(&a.path("adapter.safetensors"))?;
         }
         let tok = TokenizedSet::open(set.dir())?;
-        let o = self.store.get_or_build(&spec, |b| {
-            let report = dsel_sweep::run(&model, &tok, cfg, &b.scratch_dir(), b.dir(), label)?;
-            b.set_info(serde_json::to_value(&report)?);
-            Ok(())
-        })?;
-        self.record("sweep", label, &o);
-        Ok(o.artifact)
+        self.pool_stage(&spec, label, |scratch, out, work| {
+            let report = dsel_sweep::run_with(&model, &tok, cfg, scratch, out, label, work)?;
+            Ok(serde_json::to_value(&report)?)
+        })
     }
 
     /// Read the canonical examples of an ingest artifact.

@@ -31,8 +31,18 @@ mod tov;
 /// `methods/`, listed once in the [`registry!`] table below; `select`
 /// writes the run folder around it.
 pub trait SelectionMethod: Sync {
-    /// Scores the pool and chooses the selection.
-    fn select(&self, p: &mut Pipeline, inputs: &Inputs) -> Result<Scored>;
+    /// Scores the pool and chooses the selection; `None` when this process
+    /// only did its part of the method's pool-wide stages (the prepare step
+    /// or a shard worker, see [`crate::Work`]).
+    fn select(&self, p: &mut Pipeline, inputs: &Inputs) -> Result<Option<Scored>>;
+
+    /// Whether the method runs pool-wide model stages (sweeps, gradients,
+    /// embeddings of every pool example): the work a sharded run splits
+    /// among workers. A method without them (random, BM25, DSIR) does all
+    /// of its work in the merge step.
+    fn pool_wide(&self) -> bool {
+        false
+    }
 
     /// Writes method-specific files into the run folder (LESS: `sorted.csv`).
     fn write_extra(&self, _out: &Path, _inputs: &Inputs, _scores: &[f64]) -> Result<()> {
@@ -438,50 +448,118 @@ pub fn extremes(
         .collect()
 }
 
+/// The artifacts every method starts from.
+struct Prepared {
+    pool_ing: Artifact,
+    pool_tok: Artifact,
+    pool_set: TokenizedSet,
+    target_ing: Artifact,
+    target_tok: Artifact,
+    n_select: usize,
+}
+
+impl Prepared {
+    /// Loads the model, ingests and tokenizes the pool and the target.
+    fn new(p: &mut Pipeline, req: &SelectRequest) -> Result<Self> {
+        req.validate()?;
+        let target = TargetSpec::parse(&req.task)?;
+        p.load_model(&req.model)?;
+        let pool_ing = p.ingest_pool(&req.pool, &req.subset)?;
+        let pool_tok = p.tokenize(&pool_ing, req.values.max_len, req.truncation, "pool")?;
+        let pool_set = TokenizedSet::open(pool_tok.dir())?;
+        let n_select = req.budget.resolve(pool_set.len());
+        // Every method checks the target first: one with no usable example fails
+        // here, naming the file and the skip counts, whatever the method.
+        let (target_ing, target_tok) = target_tokens(
+            p,
+            &req.task,
+            &target,
+            req.values.target_max_len,
+            req.truncation,
+        )?;
+        Ok(Self {
+            pool_ing,
+            pool_tok,
+            pool_set,
+            target_ing,
+            target_tok,
+            n_select,
+        })
+    }
+
+    fn inputs<'a>(&'a self, req: &'a SelectRequest) -> Inputs<'a> {
+        Inputs {
+            req,
+            pool_ing: &self.pool_ing,
+            pool_tok: &self.pool_tok,
+            pool_set: &self.pool_set,
+            target_ing: &self.target_ing,
+            target_tok: &self.target_tok,
+            n_select: self.n_select,
+        }
+    }
+}
+
+/// One part of a sharded selection, as `p.work` says ([`crate::Work`]):
+/// the prepare step (ingest, tokenize and the shared stages the pool-wide
+/// ones need: fine-tunes, LESS warmup, target features) or one shard
+/// worker's units of the method's pool-wide stages. Writes no run folder;
+/// [`select`] with [`crate::Work::Merge`] (`dsel merge`) assembles and
+/// selects afterwards.
+pub fn select_part(p: &mut Pipeline, req: &SelectRequest) -> Result<()> {
+    anyhow::ensure!(
+        p.work.is_part(),
+        "select_part runs the prepare step or a shard worker, not {:?}",
+        p.work
+    );
+    let imp = req.method.implementation();
+    if !imp.pool_wide() && matches!(p.work, crate::Work::Shard(_)) {
+        tracing::info!(
+            "{}: no pool-wide stage to shard; all of its work runs in the merge step",
+            req.method.name()
+        );
+        return Ok(());
+    }
+    let prepared = Prepared::new(p, req)?;
+    if imp.pool_wide() {
+        imp.select(p, &prepared.inputs(req))?;
+    }
+    Ok(())
+}
+
 /// [`select`], also returning the score rows and the top and bottom examples
 /// per source family.
 pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<SelectOutcome> {
     let started = Instant::now();
-    req.validate()?;
-    let target = TargetSpec::parse(&req.task)?;
-    p.load_model(&req.model)?;
-    let pool_ing = p.ingest_pool(&req.pool, &req.subset)?;
-    let pool_tok = p.tokenize(&pool_ing, req.values.max_len, req.truncation, "pool")?;
-    let pool_set = TokenizedSet::open(pool_tok.dir())?;
+    anyhow::ensure!(
+        !p.work.is_part(),
+        "the prepare step and shard workers select nothing: call select_part"
+    );
+    let prepared = Prepared::new(p, req)?;
+    let Prepared {
+        pool_ing,
+        pool_tok,
+        pool_set,
+        ..
+    } = &prepared;
     let n = pool_set.len();
-    let n_select = req.budget.resolve(n);
-    // Every method checks the target first: one with no usable example fails
-    // here, naming the file and the skip counts, whatever the method.
-    let (target_ing, target_tok) = target_tokens(
-        p,
-        &req.task,
-        &target,
-        req.values.target_max_len,
-        req.truncation,
-    )?;
     let lengths: Vec<u32> = pool_set.index.iter().map(|r| r.n_tokens).collect();
     let imp = req.method.implementation();
-    let inputs = Inputs {
-        req,
-        pool_ing: &pool_ing,
-        pool_tok: &pool_tok,
-        pool_set: &pool_set,
-        target_ing: &target_ing,
-        target_tok: &target_tok,
-        n_select,
-    };
+    let inputs = prepared.inputs(req);
     let Scored {
         scores,
         order,
         rounds: round_scores,
         config,
-    } = imp.select(p, &inputs)?;
+    } = imp
+        .select(p, &inputs)?
+        .context("every pool-wide stage is assembled outside the prepare and shard steps")?;
 
     // Outputs.
     std::fs::create_dir_all(&req.out_dir)
         .with_context(|| format!("creating {}", req.out_dir.display()))?;
     imp.write_extra(&req.out_dir, &inputs, &scores)?;
-    let examples = p.examples(&pool_ing)?;
+    let examples = p.examples(pool_ing)?;
     let mut rank_of = vec![None; n];
     for (r, &i) in order.iter().enumerate() {
         rank_of[i] = Some(r);
@@ -509,7 +587,7 @@ pub fn select_with_details(p: &mut Pipeline, req: &SelectRequest) -> Result<Sele
     )?;
     let tok_report: dsel_tokenize::TokenizeReport =
         serde_json::from_value(pool_tok.manifest().info.clone()).unwrap_or_default();
-    let pool_skipped: std::collections::BTreeMap<String, u64> = ingest_report(&pool_ing)
+    let pool_skipped: std::collections::BTreeMap<String, u64> = ingest_report(pool_ing)
         .skipped_by_reason
         .into_iter()
         .map(|(reason, c)| (format!("ingest:{reason}"), c))

@@ -41,9 +41,9 @@ impl Preset {
         }
     }
 
-    /// The preset's LESS settings with `seed` (the warmup subset's). `select
-    /// --method less` and `less-shard` both take them from here, so shard
-    /// workers compute the datastore `select` looks up.
+    /// The preset's LESS settings with `seed` (the warmup subset's). Every
+    /// step of a sharded `select --method less` takes them from here, so
+    /// shard workers compute the datastore the merge looks up.
     pub fn less(self, seed: u64) -> LessConfig {
         let mut cfg = match self {
             Preset::Cpu => LessConfig::cpu(),

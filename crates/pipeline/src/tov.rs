@@ -126,14 +126,16 @@ pub fn choose_u(n: usize, u_size: usize, seed: u64) -> Vec<usize> {
     u
 }
 
-/// Run ToV on a tokenized pool and target; returns per-example scores.
+/// Run ToV on a tokenized pool and target; returns per-example scores
+/// (`None` when this process only did its part of the sweeps, see
+/// [`crate::Work`]).
 pub fn score(
     p: &mut Pipeline,
     pool: &Artifact,
     target: &Artifact,
     cfg: &TovConfig,
     sweep: &SweepConfig,
-) -> Result<TovScores> {
+) -> Result<Option<TovScores>> {
     anyhow::ensure!(cfg.rounds >= 1, "ToV needs at least one round");
     let pool_set = TokenizedSet::open(pool.dir())?;
     let n = pool_set.len();
@@ -198,10 +200,7 @@ pub fn score(
             Some((&val, &base_cfg.lora)),
             sweep,
         )?;
-        let (sb, sv) = (SweepResult::open(sb.dir())?, SweepResult::open(sv.dir())?);
-        let mut phi =
-            dsel_select::tov_round(sv.logp()?, sb.logp()?, &mask, &offsets, cfg.transform);
-        if cfg.control {
+        let sc = if cfg.control {
             // θ_ctl: the validation fine-tune's recipe on a random pool sample.
             let ctl_cfg = dsel_valtune::derive_config(&val_cfg, &cfg.valtune);
             let ctl = p.finetune(
@@ -212,12 +211,31 @@ pub fn score(
                 Some(&bas),
                 &ctl_cfg,
             )?;
-            let sc = p.sweep(
+            p.sweep(
                 &format!("control round {}", k + 1),
                 pool,
                 Some((&ctl, &base_cfg.lora)),
                 sweep,
-            )?;
+            )?
+        } else {
+            None
+        };
+        theta = Some(match cfg.variant {
+            TovVariant::A => bas,
+            TovVariant::B => val,
+        });
+        // A prepare step or shard worker did its part of the sweeps; the
+        // next rounds' fine-tunes do not depend on them.
+        let (Some(sb), Some(sv)) = (sb, sv) else {
+            continue;
+        };
+        if cfg.control && sc.is_none() {
+            continue;
+        }
+        let (sb, sv) = (SweepResult::open(sb.dir())?, SweepResult::open(sv.dir())?);
+        let mut phi =
+            dsel_select::tov_round(sv.logp()?, sb.logp()?, &mask, &offsets, cfg.transform);
+        if let Some(sc) = sc {
             let sc = SweepResult::open(sc.dir())?;
             let phi_ctl =
                 dsel_select::tov_round(sc.logp()?, sb.logp()?, &mask, &offsets, cfg.transform);
@@ -241,15 +259,14 @@ pub fn score(
             );
         }
         rounds.push(phi);
-        theta = Some(match cfg.variant {
-            TovVariant::A => bas,
-            TovVariant::B => val,
-        });
+    }
+    if rounds.len() < cfg.rounds {
+        return Ok(None);
     }
     let scores = (0..n)
         .map(|i| rounds.iter().map(|r| r[i]).sum::<f64>() / cfg.rounds as f64)
         .collect();
-    Ok(TovScores { scores, rounds, u })
+    Ok(Some(TovScores { scores, rounds, u }))
 }
 
 #[cfg(test)]

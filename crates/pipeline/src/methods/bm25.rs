@@ -9,9 +9,13 @@ use crate::Pipeline;
 pub struct Bm25;
 
 impl SelectionMethod for Bm25 {
-    fn select(&self, p: &mut Pipeline, x: &Inputs) -> Result<Scored> {
+    fn select(&self, p: &mut Pipeline, x: &Inputs) -> Result<Option<Scored>> {
         let (docs, queries) = x.texts(p)?;
         let s = dsel_baselines::Bm25::new(&docs).max_scores(&queries);
-        Ok(Scored::top(s, x, serde_json::json!({"k1": 1.2, "b": 0.75})))
+        Ok(Some(Scored::top(
+            s,
+            x,
+            serde_json::json!({"k1": 1.2, "b": 0.75}),
+        )))
     }
 }

@@ -9,13 +9,19 @@ use crate::Pipeline;
 pub struct GradNorm;
 
 impl SelectionMethod for GradNorm {
-    fn select(&self, p: &mut Pipeline, x: &Inputs) -> Result<Scored> {
+    fn pool_wide(&self) -> bool {
+        true
+    }
+
+    fn select(&self, p: &mut Pipeline, x: &Inputs) -> Result<Option<Scored>> {
         let (lora, sweep) = (&x.req.values.lora, &x.req.sweep);
-        let norms = crate::baselines::grad_norms(p, x.pool_tok, lora, sweep)?;
-        Ok(Scored::top(
+        let Some(norms) = crate::baselines::grad_norms(p, x.pool_tok, lora, sweep)? else {
+            return Ok(None);
+        };
+        Ok(Some(Scored::top(
             norms,
             x,
             serde_json::json!({"lora": lora, "max_len": x.req.values.max_len}),
-        ))
+        )))
     }
 }

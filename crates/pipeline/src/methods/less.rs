@@ -13,14 +13,20 @@ use crate::Pipeline;
 pub struct Less;
 
 impl SelectionMethod for Less {
-    fn select(&self, p: &mut Pipeline, x: &Inputs) -> Result<Scored> {
+    fn pool_wide(&self) -> bool {
+        true
+    }
+
+    fn select(&self, p: &mut Pipeline, x: &Inputs) -> Result<Option<Scored>> {
         let cfg = x.req.preset.less(x.req.seed);
-        let s = crate::less::score(p, x.pool_tok, x.target_tok, &cfg)?;
-        Ok(Scored::top(
+        let Some(s) = crate::less::score(p, x.pool_tok, x.target_tok, &cfg)? else {
+            return Ok(None);
+        };
+        Ok(Some(Scored::top(
             s.scores,
             x,
             serde_json::json!({"less": cfg, "report": s.report, "max_len": x.req.values.max_len}),
-        ))
+        )))
     }
 
     fn write_extra(&self, out: &Path, x: &Inputs, scores: &[f64]) -> Result<()> {

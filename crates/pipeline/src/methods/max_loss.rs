@@ -10,17 +10,23 @@ use crate::Pipeline;
 pub struct MaxLoss;
 
 impl SelectionMethod for MaxLoss {
-    fn select(&self, p: &mut Pipeline, x: &Inputs) -> Result<Scored> {
-        let sw = p.sweep("base model", x.pool_tok, None, &x.req.sweep)?;
+    fn pool_wide(&self) -> bool {
+        true
+    }
+
+    fn select(&self, p: &mut Pipeline, x: &Inputs) -> Result<Option<Scored>> {
+        let Some(sw) = p.sweep("base model", x.pool_tok, None, &x.req.sweep)? else {
+            return Ok(None);
+        };
         let loss: Vec<f64> = SweepResult::open(sw.dir())?
             .loss()?
             .iter()
             .map(|&v| v as f64)
             .collect();
-        Ok(Scored::top(
+        Ok(Some(Scored::top(
             loss,
             x,
             serde_json::json!({"sweep": x.req.sweep, "max_len": x.req.values.max_len}),
-        ))
+        )))
     }
 }

@@ -10,17 +10,23 @@ use crate::Pipeline;
 pub struct MaxUncertainty;
 
 impl SelectionMethod for MaxUncertainty {
-    fn select(&self, p: &mut Pipeline, x: &Inputs) -> Result<Scored> {
-        let sw = p.sweep("base model", x.pool_tok, None, &x.req.sweep)?;
+    fn pool_wide(&self) -> bool {
+        true
+    }
+
+    fn select(&self, p: &mut Pipeline, x: &Inputs) -> Result<Option<Scored>> {
+        let Some(sw) = p.sweep("base model", x.pool_tok, None, &x.req.sweep)? else {
+            return Ok(None);
+        };
         let sw = SweepResult::open(sw.dir())?;
         let mask: Vec<u8> = (0..x.pool_set.len())
             .flat_map(|i| x.pool_set.example(i).1.iter().copied())
             .collect();
         let psi = dsel_select::max_uncertainty(sw.logp()?, &mask, x.pool_set.offsets());
-        Ok(Scored::top(
+        Ok(Some(Scored::top(
             psi,
             x,
             serde_json::json!({"sweep": x.req.sweep, "max_len": x.req.values.max_len}),
-        ))
+        )))
     }
 }

@@ -10,12 +10,19 @@ use crate::Pipeline;
 pub struct Rds;
 
 impl SelectionMethod for Rds {
-    fn select(&self, p: &mut Pipeline, x: &Inputs) -> Result<Scored> {
-        let s = crate::baselines::rds_scores(p, x.pool_tok, x.target_tok, &x.req.sweep)?;
-        Ok(Scored::top(
+    fn pool_wide(&self) -> bool {
+        true
+    }
+
+    fn select(&self, p: &mut Pipeline, x: &Inputs) -> Result<Option<Scored>> {
+        let Some(s) = crate::baselines::rds_scores(p, x.pool_tok, x.target_tok, &x.req.sweep)?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(Scored::top(
             s,
             x,
             serde_json::json!({"max_len": x.req.values.max_len}),
-        ))
+        )))
     }
 }

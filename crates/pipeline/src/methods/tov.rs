@@ -14,7 +14,11 @@ use crate::Pipeline;
 pub struct Tov(pub TovVariant);
 
 impl SelectionMethod for Tov {
-    fn select(&self, p: &mut Pipeline, x: &Inputs) -> Result<Scored> {
+    fn pool_wide(&self) -> bool {
+        true
+    }
+
+    fn select(&self, p: &mut Pipeline, x: &Inputs) -> Result<Option<Scored>> {
         let (req, n) = (x.req, x.pool_set.len());
         let v = &req.values;
         let cfg = TovConfig {
@@ -44,7 +48,9 @@ impl SelectionMethod for Tov {
             seed: req.seed,
             control: req.control,
         };
-        let s = tov::score(p, x.pool_tok, x.target_tok, &cfg, &req.sweep)?;
+        let Some(s) = tov::score(p, x.pool_tok, x.target_tok, &cfg, &req.sweep)? else {
+            return Ok(None);
+        };
         let scored: Vec<usize> = (0..n).filter(|i| s.u.binary_search(i).is_err()).collect();
         let bin_lengths: Vec<u32> = match req.bin_by {
             BinBy::Completion => x.pool_set.index.iter().map(|r| r.n_labels).collect(),
@@ -66,12 +72,12 @@ impl SelectionMethod for Tov {
         };
         let config = serde_json::json!({"tov": cfg, "rule": req.rule, "n_bins": req.n_bins, "bin_by": req.bin_by, "sweep": req.sweep,
                                         "max_len": req.values.max_len});
-        Ok(Scored {
+        Ok(Some(Scored {
             scores: s.scores,
             order,
             rounds: s.rounds,
             config,
-        })
+        }))
     }
 
     fn shortfall_hint(&self) -> &'static str {
