@@ -2,59 +2,15 @@
 //! its numbers equal the model's own log-probabilities.
 
 use candle_core::Device;
-use dsel_ingest::{Example, Message};
 use dsel_model::{Batch, Mode, Model};
 use dsel_sweep::{SweepConfig, SweepResult};
-use dsel_tokenize::{tokenize_to_dir, ChatFormat, Formatter, TokenizeConfig, TokenizedSet};
-
-use dsel_testkit::data_root;
+use dsel_tokenize::TokenizedSet;
 
 /// stories260K, a 23-example tokenized set in `tmp/set` and a 5-example shard config.
 fn setup(tmp: &std::path::Path) -> (Model, TokenizedSet, SweepConfig) {
-    let raw = dsel_model::load(&data_root().join("models/stories260K/hf"), &Device::Cpu).unwrap();
-    let model = Model::new(&raw).unwrap();
-    let tok = raw.tokenizer.clone().unwrap();
-    let fmt = Formatter::new(ChatFormat::Tulu {
-        eos_token: "</s>".into(),
-    })
-    .unwrap();
-    let words = ["cat", "dog", "ball", "tree", "sun", "park", "cake"];
-    let examples: Vec<Example> = (0..23)
-        .map(|i| Example {
-            id: format!("e{i}"),
-            source: "t".into(),
-            subtask: String::new(),
-            messages: vec![
-                Message {
-                    role: "user".into(),
-                    content: format!("Story {i}"),
-                },
-                Message {
-                    role: "assistant".into(),
-                    content: (0..=(i % 5))
-                        .map(|j| words[(i + j) % words.len()])
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                },
-            ],
-            references: vec![],
-        })
-        .collect();
-    let set_dir = tmp.join("set");
-    std::fs::create_dir_all(&set_dir).unwrap();
-    tokenize_to_dir(
-        &tok,
-        &fmt,
-        &examples,
-        &TokenizeConfig {
-            max_len: 64,
-            bos_id: Some(1),
-            truncation: Default::default(),
-        },
-        &set_dir,
-    )
-    .unwrap();
-    let set = TokenizedSet::open(&set_dir).unwrap();
+    let (raw, model) = dsel_testkit::stories();
+    let examples = dsel_testkit::story_conversations(23, "e", "t", |i| format!("Story {i}"));
+    let set = dsel_testkit::tokenized(&raw, &examples, 64, &tmp.join("set"));
     let cfg = SweepConfig {
         shard_examples: 5,
         batch_tokens: 200,

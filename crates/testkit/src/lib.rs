@@ -91,24 +91,40 @@ pub fn tiny_llama_config(
     }
 }
 
+/// The words of the toy conversations' answers.
+const WORDS: [&str; 7] = ["cat", "dog", "ball", "tree", "sun", "park", "cake"];
+
 /// `n` short story-like conversations; example `i`'s answer has `1 + i % 5`
 /// words (so lengths differ) and its id is `e{i}`.
 pub fn toy_examples(n: usize, tag: &str) -> Vec<Example> {
-    let words = ["cat", "dog", "ball", "tree", "sun", "park", "cake"];
+    story_conversations(n, tag, tag, |i| {
+        format!("Tell story {i} about {}", WORDS[i % WORDS.len()])
+    })
+}
+
+/// `n` conversations in which the user asks `prompt(i)` and the answer has
+/// `1 + i % 5` words (as in [`toy_examples`]); ids `{tag}{i}`, source
+/// `source`.
+pub fn story_conversations(
+    n: usize,
+    tag: &str,
+    source: &str,
+    prompt: impl Fn(usize) -> String,
+) -> Vec<Example> {
     (0..n)
         .map(|i| Example {
             id: format!("{tag}{i}"),
-            source: tag.to_string(),
+            source: source.to_string(),
             subtask: String::new(),
             messages: vec![
                 Message {
                     role: "user".into(),
-                    content: format!("Tell story {i} about {}", words[i % words.len()]),
+                    content: prompt(i),
                 },
                 Message {
                     role: "assistant".into(),
                     content: (0..=(i % 5))
-                        .map(|j| words[(i + j) % words.len()])
+                        .map(|j| WORDS[(i + j) % WORDS.len()])
                         .collect::<Vec<_>>()
                         .join(" "),
                 },
