@@ -50,8 +50,7 @@ fn checkpoints(dir: &Path) -> Vec<Checkpoint> {
     let mut out = Vec::new();
     for epoch in 1..=2 {
         for chunk in train.chunks(4) {
-            let seqs: Vec<(&[u32], &[u8])> = chunk.iter().map(|(a, b)| (&a[..], &b[..])).collect();
-            let batch = Batch::new(&seqs, &Device::Cpu).unwrap();
+            let batch = dsel_testkit::batch(chunk);
             let loss = model
                 .example_losses(&batch, Mode::Eval)
                 .unwrap()

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use dsel_ingest::{Example, Message};
-use dsel_model::{LlamaConfig, LoraConfig, Model, RawModel};
+use dsel_model::{Batch, LlamaConfig, LoraConfig, Model, RawModel};
 use dsel_tokenize::{tokenize_to_dir, ChatFormat, Formatter, TokenizeConfig, TokenizedSet};
 
 /// The shared data root: `DSEL_DATA_ROOT`, else `../shared/data` beside the
@@ -89,6 +89,15 @@ pub fn tiny_llama_config(
         bos_token_id: Some(1),
         eos_token_id: Some(2),
     }
+}
+
+/// A CPU batch of `(token ids, label mask)` examples.
+pub fn batch(examples: &[(Vec<u32>, Vec<u8>)]) -> Batch {
+    let seqs: Vec<(&[u32], &[u8])> = examples
+        .iter()
+        .map(|(a, b)| (a.as_slice(), b.as_slice()))
+        .collect();
+    Batch::new(&seqs, &Device::Cpu).expect("building a batch")
 }
 
 /// The words of the toy conversations' answers.

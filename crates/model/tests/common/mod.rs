@@ -3,9 +3,9 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use dsel_model::rng::hash_words;
-use dsel_model::{Batch, LlamaConfig, LoraConfig, Model, RawModel};
+use dsel_model::{LlamaConfig, LoraConfig, Model, RawModel};
 
 pub use dsel_testkit::stories_dir;
 
@@ -108,14 +108,8 @@ pub fn completion_mask(n: usize, prompt: usize) -> Vec<u8> {
     (0..n).map(|i| u8::from(i >= prompt)).collect()
 }
 
-/// A batch of the given (ids, mask) pairs on the CPU.
-pub fn batch(seqs: &[(Vec<u32>, Vec<u8>)]) -> Batch {
-    let refs: Vec<(&[u32], &[u8])> = seqs
-        .iter()
-        .map(|(a, b)| (a.as_slice(), b.as_slice()))
-        .collect();
-    Batch::new(&refs, &Device::Cpu).unwrap()
-}
+#[allow(unused_imports)]
+pub use dsel_testkit::batch;
 
 /// Flattened f64 copy of a tensor.
 pub fn to_f64(t: &Tensor) -> Vec<f64> {

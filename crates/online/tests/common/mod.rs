@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use dsel_model::rng::hash_words;
-use dsel_model::{Batch, LlamaConfig, LoraConfig, Model, RawModel};
+use dsel_model::{LlamaConfig, LoraConfig, Model, RawModel};
 use dsel_online::SelectContext;
 
 /// A tiny GQA config.
@@ -88,14 +88,8 @@ pub fn select_context(step: u64, dropout_seed: u64, lr: f64) -> SelectContext {
     }
 }
 
-/// A batch of the given examples.
-pub fn batch(ex: &[(Vec<u32>, Vec<u8>)]) -> Batch {
-    let seqs: Vec<(&[u32], &[u8])> = ex
-        .iter()
-        .map(|(a, b)| (a.as_slice(), b.as_slice()))
-        .collect();
-    Batch::new(&seqs, &Device::Cpu).unwrap()
-}
+#[allow(unused_imports)]
+pub use dsel_testkit::batch;
 
 /// Row-major host copy of a 2-D tensor as f64.
 pub fn host2(t: &Tensor) -> Vec<Vec<f64>> {
