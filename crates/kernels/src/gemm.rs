@@ -264,74 +264,41 @@ unsafe fn gemm_one<I: Copy, O: Scalar>(
     } else {
         1
     };
-    let out = c.get() as *mut O;
-    // SAFETY (all calls below): forwarded from the caller; row and column
-    // blocks of C are disjoint.
+    // The block of C at rows `r0..r0 + mr` and columns `c0..c0 + nc`.
+    // SAFETY: forwarded from the caller; the blocks the tasks below compute
+    // are disjoint.
+    let block = |r0: usize, mr: usize, c0: usize, nc: usize| unsafe {
+        kern.call(
+            la.code(),
+            lb.code(),
+            mr,
+            nc,
+            k,
+            a.get().add(la.row_offset(r0)),
+            la.ld,
+            b.get().add(lb.col_offset(c0)),
+            lb.ld,
+            (c.get() as *mut O).add(r0 * n + c0),
+            n,
+            accumulate,
+        );
+    };
     if tasks <= 1 {
-        unsafe {
-            kern.call(
-                la.code(),
-                lb.code(),
-                m,
-                n,
-                k,
-                a.get().add(la.offset),
-                la.ld,
-                b.get().add(lb.offset),
-                lb.ld,
-                out,
-                n,
-                accumulate,
-            );
-        }
+        block(0, m, 0, n);
     } else if m >= n || m >= 8 * tasks {
         let rows = m.div_ceil(tasks);
         (0..tasks).into_par_iter().for_each(|i| {
             let r0 = i * rows;
-            if r0 >= m {
-                return;
-            }
-            let mr = rows.min(m - r0);
-            unsafe {
-                kern.call(
-                    la.code(),
-                    lb.code(),
-                    mr,
-                    n,
-                    k,
-                    a.get().add(la.row_offset(r0)),
-                    la.ld,
-                    b.get().add(lb.offset),
-                    lb.ld,
-                    (c.get() as *mut O).add(r0 * n),
-                    n,
-                    accumulate,
-                );
+            if r0 < m {
+                block(r0, rows.min(m - r0), 0, n);
             }
         });
     } else {
         let cols = n.div_ceil(tasks);
         (0..tasks).into_par_iter().for_each(|i| {
             let c0 = i * cols;
-            if c0 >= n {
-                return;
-            }
-            let nc = cols.min(n - c0);
-            unsafe {
-                kern.call(
-                    la.code(),
-                    lb.code(),
-                    m,
-                    nc,
-                    k,
-                    a.get().add(la.offset),
-                    la.ld,
-                    b.get().add(lb.col_offset(c0)),
-                    lb.ld,
-                    (c.get() as *mut O).add(c0),
-                    n,
-                    accumulate,
-                );
+            if c0 < n {
+                block(0, m, c0, cols.min(n - c0));
             }
         });
     }
