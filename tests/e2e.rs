@@ -452,5 +452,60 @@ fn slurm_writes_a_job_array_chained_by_afterok() {
             "slurm", "--shards", "2", "--", "--task", "mmlu", "--shard", "0/2",
         ],
     );
-    assert!(!bad.status.success() && text(&bad.stderr).contains("leave out --prepare and --shard"));
+    assert!(
+        !bad.status.success()
+            && text(&bad.stderr).contains("leave out --prepare, --shard and --merge")
+    );
+}
+
+/// `eval` sharded (`--prepare`, `--shard i/2`, `--merge`) on one cache
+/// writes the test losses and the result of a single `eval`.
+#[test]
+fn sharded_evaluation_merges_into_the_result_of_a_single_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A custom target of 36 examples, scored 8 per unit.
+    let target = fixtures("pipeline").join("toy_pool.jsonl");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "eval",
+            "--task",
+            &s(&target),
+            "--model",
+            &s(&stories_dir()),
+            "--eval-unit-examples",
+            "8",
+        ]
+        .map(String::from)
+        .to_vec();
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let run = |cache: &Path, extra: &[&str]| {
+        let a = args(extra);
+        ok(cache, &a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let (single, shared) = (tmp.path().join("single"), tmp.path().join("shared"));
+    let one: serde_json::Value = serde_json::from_str(&run(&single, &[])).unwrap();
+    run(&shared, &["--prepare"]);
+    run(&shared, &["--shard", "0/2"]);
+    let early = dsel(
+        &shared,
+        &args(&["--merge"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(!early.status.success() && text(&early.stderr).contains("units are not finished"));
+    run(&shared, &["--shard", "1/2"]);
+    let merged: serde_json::Value = serde_json::from_str(&run(&shared, &["--merge"])).unwrap();
+    for field in ["test_loss", "metric", "n", "per_subtask"] {
+        assert_eq!(one[field], merged[field], "{field}");
+    }
+    assert!(
+        one["n"].as_u64().unwrap() > 16,
+        "three units or more: {one}"
+    );
+    let losses =
+        |cache: &Path| std::fs::read(find(&cache.join("eval"), "losses.jsonl").unwrap()).unwrap();
+    assert!(losses(&single) == losses(&shared), "losses.jsonl differs");
 }

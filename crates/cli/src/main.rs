@@ -45,6 +45,11 @@ struct Global {
     /// has bf16 units and MKL loaded, else f32. Part of every model stage's key.
     #[arg(long, global = true, env = "DSEL_PRECISION", value_enum, default_value_t = PrecisionChoice::Auto)]
     precision: PrecisionChoice,
+    /// File locks on the cache (`off` for a filesystem whose locks are
+    /// missing or hang: builds of one artifact are then not serialised and
+    /// `cache gc` refuses to run; sharded runs need no lock).
+    #[arg(long, global = true, env = "DSEL_LOCKS", default_value = "on", value_parser = clap::builder::BoolishValueParser::new(), value_name = "on|off")]
+    locks: bool,
 }
 
 /// `--precision`: a fixed precision or the machine's fastest.
@@ -72,6 +77,7 @@ impl Global {
     fn pipeline(&self) -> Result<Pipeline> {
         let mut p = Pipeline::new(&self.cache, &self.data_root)?;
         p.set_precision(self.precision());
+        p.store.set_locking(self.locks);
         Ok(p)
     }
 }
@@ -97,9 +103,9 @@ enum Command {
     /// Held-out source recall benchmark: does each method select the target's
     /// own task? (FLAN-CoT tasks held out in turn; writes runs/quality/.)
     Quality(QualityArgs),
-    /// Assemble a sharded selection (after `select --prepare` and every
-    /// `select --shard i/N` worker, on the same cache) and select: the same
-    /// arguments as `select`; a unit no worker computed is an error.
+    /// `select --merge`: assemble a sharded selection (after `select
+    /// --prepare` and every `select --shard i/N` worker, on the same cache)
+    /// and select; a unit no worker computed is an error.
     Merge(RunArgs),
     /// Write (and with --submit, submit) Slurm jobs that run a selection
     /// sharded over N tasks: prepare, a job array of shard workers, merge.
@@ -127,17 +133,42 @@ struct PoolArgs {
 struct SelectArgs {
     #[command(flatten)]
     run: RunArgs,
+    #[command(flatten)]
+    part: PartArgs,
+}
+
+/// One step of a sharded run (`select`, `eval`); none: the whole run.
+#[derive(Args, Debug, Clone, Default)]
+struct PartArgs {
     /// Only the prepare step of a sharded run: ingest, tokenize and the
     /// small shared stages the pool-wide ones need (fine-tunes, LESS warmup,
-    /// target features); no run folder. Then `--shard i/N`, then `dsel merge`.
-    #[arg(long, conflicts_with = "shard")]
+    /// target features); writes no result. Then `--shard i/N` on every
+    /// worker, then `--merge`.
+    #[arg(long, conflicts_with_all = ["shard", "merge"])]
     prepare: bool,
     /// Only this worker's part of a sharded run: the units u of every
     /// pool-wide stage (sweeps, gradient norms, pool embeddings, LESS
-    /// datastore) with u mod N = i, into the cache's scratch folders; needs
-    /// the prepare step's artifacts; no run folder.
-    #[arg(long, value_name = "i/N")]
+    /// datastore, evaluation) with u mod N = i, into the cache's scratch
+    /// folders; needs the prepare step's artifacts; writes no result.
+    #[arg(long, value_name = "i/N", conflicts_with = "merge")]
     shard: Option<dsel_store::Shard>,
+    /// The merge step of a sharded run: assemble every pool-wide stage
+    /// from the workers' units (a unit no worker computed is an error, not
+    /// computed here) and finish the run.
+    #[arg(long)]
+    merge: bool,
+}
+
+impl PartArgs {
+    /// What the pipeline does of the run.
+    fn work(&self) -> dsel_pipeline::Work {
+        match (self.prepare, self.shard, self.merge) {
+            (true, _, _) => dsel_pipeline::Work::Prepare,
+            (_, Some(s), _) => dsel_pipeline::Work::Shard(s),
+            (_, _, true) => dsel_pipeline::Work::Merge,
+            _ => dsel_pipeline::Work::All,
+        }
+    }
 }
 
 /// One selection: method, output folder and options (`select`, `merge`).
@@ -293,7 +324,7 @@ struct TrainArgs {
 }
 
 /// Evaluation size, over the preset's.
-#[derive(Args, Debug, Clone, Default)]
+#[derive(Args, Debug, Clone)]
 struct EvalSizeArgs {
     /// Test examples per subtask (MMLU subject, BBH task, TyDiQA language,
     /// custom subtask). Default: the preset's.
@@ -302,6 +333,10 @@ struct EvalSizeArgs {
     /// MMLU in-context shots (0 = zero-shot). Default: 5, LESS's protocol.
     #[arg(long)]
     mmlu_shots: Option<usize>,
+    /// Test examples per unit of the evaluation, the piece shard workers
+    /// divide (`eval --shard i/N`). Part of the evaluation's key.
+    #[arg(long, default_value_t = evaluate::EvalConfig::cpu().unit_examples, value_parser = at_least_one)]
+    eval_unit_examples: usize,
 }
 
 #[derive(Args, Debug)]
@@ -323,6 +358,8 @@ struct EvalArgs {
     seed: u64,
     #[command(flatten)]
     size: EvalSizeArgs,
+    #[command(flatten)]
+    part: PartArgs,
 }
 
 #[derive(Args, Debug)]
@@ -584,8 +621,7 @@ fn select_request(a: SelectionOptions, method: Method, out: PathBuf) -> Result<S
     Ok(req)
 }
 
-fn run_select(g: &Global, a: SelectArgs, work: dsel_pipeline::Work) -> Result<()> {
-    let a = a.run;
+fn run_select(g: &Global, a: RunArgs, work: dsel_pipeline::Work) -> Result<()> {
     let out = match a.out {
         Some(o) => o,
         None => PathBuf::from(format!(
@@ -725,14 +761,7 @@ fn run() -> Result<()> {
         );
     }
     match cli.command {
-        Command::Select(a) => {
-            let work = match (a.prepare, a.shard) {
-                (true, _) => dsel_pipeline::Work::Prepare,
-                (false, Some(s)) => dsel_pipeline::Work::Shard(s),
-                (false, None) => dsel_pipeline::Work::All,
-            };
-            run_select(&g, a, work)
-        }
+        Command::Select(a) => run_select(&g, a.run, a.part.work()),
         Command::Ingest(a) => {
             let mut p = g.pipeline()?;
             let arts = run_ingest(&g, &a, &mut p)?;
@@ -792,6 +821,7 @@ fn run() -> Result<()> {
         }
         Command::Eval(a) => {
             let mut p = g.pipeline()?;
+            p.work = a.part.work();
             p.load_model(&a.model)?;
             let tcfg = a.preset.train();
             let adapter = match &a.selection {
@@ -800,14 +830,21 @@ fn run() -> Result<()> {
             };
             let mut ecfg = eval_config(a.preset, &a.size);
             ecfg.sample_seed = a.seed;
-            let r = evaluate::evaluate(
+            match evaluate::evaluate_part(
                 &mut p,
                 &a.task,
                 adapter.as_ref(),
                 adapter.as_ref().map(|_| &tcfg.lora),
                 &ecfg,
-            )?;
-            println!("{}", serde_json::to_string_pretty(&r)?);
+            )? {
+                Some(r) => println!("{}", serde_json::to_string_pretty(&r)?),
+                None => println!(
+                    "{:?} of the evaluation of {} done; cache {}",
+                    p.work,
+                    a.task,
+                    p.store.root().display()
+                ),
+            }
             Ok(())
         }
         Command::Quality(a) => {
@@ -899,15 +936,7 @@ fn run() -> Result<()> {
             );
             Ok(())
         }
-        Command::Merge(a) => run_select(
-            &g,
-            SelectArgs {
-                run: a,
-                prepare: false,
-                shard: None,
-            },
-            dsel_pipeline::Work::Merge,
-        ),
+        Command::Merge(a) => run_select(&g, a, dsel_pipeline::Work::Merge),
         Command::Slurm(a) => slurm::run(&g, a),
         Command::Cache(c) => run_cache(&g, c),
         Command::Bench(a) => bench::run(&a),
@@ -926,12 +955,14 @@ fn eval_config(p: Preset, size: &EvalSizeArgs) -> evaluate::EvalConfig {
     if let Some(k) = size.mmlu_shots {
         c.mmlu.shots = Some(k);
     }
+    c.unit_examples = size.eval_unit_examples;
     c
 }
 
 fn run_cache(g: &Global, c: CacheCommand) -> Result<()> {
     let store = dsel_store::Store::open(&g.cache)
         .with_context(|| format!("opening cache {}", g.cache.display()))?;
+    store.set_locking(g.locks);
     match c {
         CacheCommand::Ls => {
             let items = store.list()?;
@@ -1116,7 +1147,7 @@ mod tests {
         let Command::Select(a) = sel(&["--shard", "1/4"]).unwrap().command else {
             panic!("select")
         };
-        assert_eq!(a.shard.map(|s| s.to_string()).as_deref(), Some("1/4"));
+        assert_eq!(a.part.shard.map(|s| s.to_string()).as_deref(), Some("1/4"));
         assert!(
             sel(&["--shard", "1/4", "--prepare"]).is_err(),
             "one part at a time"

@@ -197,8 +197,10 @@ pub fn run(g: &Global, a: SlurmArgs) -> Result<()> {
     argv.extend(a.select_args.iter().cloned());
     let sel = SelectOnly::try_parse_from(&argv)
         .map_err(|e| anyhow::anyhow!("options after `--` (those of `dsel select`): {e}"))?;
-    if sel.a.prepare || sel.a.shard.is_some() {
-        bail!("options after `--`: leave out --prepare and --shard; each job adds its own");
+    if sel.a.part.work() != dsel_pipeline::Work::All {
+        bail!(
+            "options after `--`: leave out --prepare, --shard and --merge; each job adds its own"
+        );
     }
     let run = &sel.a.run;
     let name = format!("{}-{}", task_name(&run.opts.task)?, run.method.name());

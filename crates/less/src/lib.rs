@@ -27,7 +27,5 @@ pub use datastore::{
     build, features_file, open_features, BuildOptions, BuildReport, Checkpoint, DatastoreConfig,
     Examples, GradientKind, DATASTORE_VERSION,
 };
-/// The worker selection of a sharded build (an alias of [`dsel_store::Shard`]).
-pub use dsel_store::Shard as ShardSel;
 pub use matching::{checkpoint_weights, subtask_groups, MatchReport};
 pub use projection::{normalize_rows, Projector};

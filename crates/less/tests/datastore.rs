@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::Device;
 use dsel_less::{
     build, features_file, matching, open_features, BuildOptions, BuildReport, Checkpoint,
-    DatastoreConfig, GradientKind, Projector, ShardSel,
+    DatastoreConfig, GradientKind, Projector,
 };
 use dsel_model::{Batch, Mode, Model};
 use dsel_train::{AdamW, AdamWConfig};
@@ -266,7 +266,7 @@ fn shard_splits_and_interruptions_give_identical_bytes() {
     let (sa, sb) = (tmp.path().join("s-a"), tmp.path().join("s-b"));
     for (dir, sel) in [(&sa, "0/2"), (&sb, "1/2")] {
         let opts = BuildOptions {
-            shard: ShardSel::parse(sel).unwrap(),
+            shard: dsel_store::Shard::parse(sel).unwrap(),
             ..Default::default()
         };
         let r = build_adam(&set, &ckpts, &c, dir, &three, &opts);
@@ -281,7 +281,7 @@ fn shard_splits_and_interruptions_give_identical_bytes() {
     let r = build_adam(&set, &ckpts, &c, &sa, &three, &BuildOptions::default());
     assert!(r.complete && r.units_computed == 0 && r.units_resumed == 6);
     assert_eq!(read(&one), read(&three));
-    assert!(ShardSel::parse("2/2").is_err() && ShardSel::parse("x").is_err());
+    assert!(dsel_store::Shard::parse("2/2").is_err() && dsel_store::Shard::parse("x").is_err());
 }
 
 #[test]

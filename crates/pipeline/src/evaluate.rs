@@ -19,9 +19,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use dsel_basetrain::FinetuneConfig;
 use dsel_eval::{BbhOptions, ItemResult, MmluOptions, PromptEncoder, TydiqaOptions};
-use dsel_ingest::{ReadOptions, TargetSpec, TargetSplit, TaskName};
+use dsel_ingest::{Example, ReadOptions, TargetSpec, TargetSplit, TaskName};
 use dsel_model::LoraConfig;
-use dsel_store::{Artifact, StageSpec};
+use dsel_store::{Artifact, StageSpec, UnitWork};
 use dsel_tokenize::TokenizedSet;
 use dsel_train::TrainConfig;
 use serde::{Deserialize, Serialize};
@@ -31,8 +31,9 @@ use crate::Pipeline;
 
 /// Stage name of the fine-tune on a selection.
 pub const TRAIN_STAGE: &str = "train";
-/// Version of the `eval` stage's computation and output layout.
-pub const EVAL_VERSION: &str = "eval-1";
+/// Version of the `eval` stage's computation and output layout (2: scored
+/// in units of `unit_examples`, batched within a unit).
+pub const EVAL_VERSION: &str = "eval-2";
 
 /// How a selection is trained on (LoRA shape, optimisation, sequence length).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -138,7 +139,7 @@ pub fn train_on_selection(
         json!({"kind": "selection", "fingerprint": fingerprint}),
     );
     let path = selection_jsonl.to_path_buf();
-    let o = p.store.get_or_build(&spec, |b| {
+    let o = p.build(&spec, |b| {
         let mut report = dsel_ingest::IngestReport::default();
         let examples =
             dsel_ingest::read_messages_jsonl(&path, &ReadOptions::default(), &mut report)?;
@@ -206,6 +207,9 @@ pub struct EvalConfig {
     pub loss_max_len: usize,
     /// Padded tokens per forward batch (loss and MMLU).
     pub batch_tokens: usize,
+    /// Test examples per unit: the resumable piece that shard workers
+    /// divide (`dsel eval --shard i/N`; unit u goes to worker u mod N).
+    pub unit_examples: usize,
 }
 
 impl EvalConfig {
@@ -226,6 +230,7 @@ impl EvalConfig {
             tydiqa: TydiqaOptions::default(),
             loss_max_len: 4096,
             batch_tokens: 2048,
+            unit_examples: 64,
         }
     }
 
@@ -321,6 +326,20 @@ pub fn evaluate(
     lora: Option<&LoraConfig>,
     cfg: &EvalConfig,
 ) -> Result<EvalResult> {
+    evaluate_part(p, task, adapter, lora, cfg)?
+        .context("the evaluation was not assembled: this process only did its part of it")
+}
+
+/// [`evaluate`] as `p.work` says ([`crate::Work`]): the test examples are
+/// scored in units of [`EvalConfig::unit_examples`] that shard workers
+/// divide; `None` when this process only did its part.
+pub fn evaluate_part(
+    p: &mut Pipeline,
+    task: &str,
+    adapter: Option<&Artifact>,
+    lora: Option<&LoraConfig>,
+    cfg: &EvalConfig,
+) -> Result<Option<EvalResult>> {
     let spec_t = TargetSpec::parse(task)?;
     let (task_name, named, cap) = match &spec_t {
         TargetSpec::Named(t) => {
@@ -381,64 +400,110 @@ pub fn evaluate(
             a.key().short()
         ))
     );
-    let o = p.store.get_or_build(&spec, |b| {
-        let t0 = Instant::now();
+    let examples_or_err = || -> Result<Vec<Example>> {
         let (examples, _) =
             dsel_ingest::load_target_test(&spec_t, &data_root, cap, cfg.sample_seed)?;
         if examples.is_empty() {
             bail!("{task_name}: no test examples");
         }
         // MMLU with a chosen shot count: the test loss sees the same prompts.
-        let mut mmlu_opts = cfg.mmlu.clone();
-        let examples = match (named, cfg.mmlu.shots) {
-            (Some(TaskName::Mmlu), Some(k)) => {
-                mmlu_opts.shots = None;
-                examples
-                    .into_iter()
-                    .map(|mut e| {
-                        if let Some(last) = e.messages.last_mut() {
-                            last.content = dsel_eval::mmlu_keep_shots(&last.content, k)
-                                .with_context(|| format!("example {}", e.id))?
-                                .0;
-                        }
-                        Ok(e)
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            }
-            _ => examples,
-        };
-        let enc = PromptEncoder::new(tokenizer, format, bos_id, stop_ids)?;
-        tracing::info!("eval {label}: {} test examples", examples.len());
+        match (named, cfg.mmlu.shots) {
+            (Some(TaskName::Mmlu), Some(k)) => examples
+                .into_iter()
+                .map(|mut e| {
+                    if let Some(last) = e.messages.last_mut() {
+                        last.content = dsel_eval::mmlu_keep_shots(&last.content, k)
+                            .with_context(|| format!("example {}", e.id))?
+                            .0;
+                    }
+                    Ok(e)
+                })
+                .collect(),
+            _ => Ok(examples),
+        }
+    };
+    let mut mmlu_opts = cfg.mmlu.clone();
+    if cfg.mmlu.shots.is_some() {
+        mmlu_opts.shots = None; // applied to the examples above
+    }
+    let enc = PromptEncoder::new(tokenizer, format, bos_id, stop_ids)?;
+    // One unit: the test losses and the metric's items of its examples.
+    let score_unit = |examples: &[Example]| -> Result<EvalUnit> {
         let losses = dsel_eval::evaluate_loss(
             &model,
             &enc,
-            &examples,
+            examples,
             named.is_some(),
             cfg.loss_max_len,
             cfg.batch_tokens,
         )?;
+        let items = match (named, cfg.metric) {
+            (Some(TaskName::Mmlu), true) => {
+                dsel_eval::evaluate_mmlu(&model, &enc, examples, &mmlu_opts)?
+            }
+            (Some(TaskName::Bbh), true) => {
+                dsel_eval::evaluate_bbh(&model, &enc, examples, &cfg.bbh)?
+            }
+            (Some(TaskName::Tydiqa), true) => {
+                dsel_eval::evaluate_tydiqa(&model, &enc, examples, &cfg.tydiqa)?
+            }
+            _ => Vec::new(),
+        };
+        Ok(EvalUnit { losses, items })
+    };
+    let run = |scratch: &Path, out: Option<&Path>, work: UnitWork| -> Result<serde_json::Value> {
+        let t0 = Instant::now();
+        anyhow::ensure!(
+            cfg.unit_examples > 0,
+            "eval: unit_examples must be positive"
+        );
+        let examples = examples_or_err()?;
+        let n = examples.len();
+        let n_units = n.div_ceil(cfg.unit_examples);
+        let range_of = |u: usize| u * cfg.unit_examples..((u + 1) * cfg.unit_examples).min(n);
+        let unit_path = |u: usize| scratch.join(format!("unit-{u:06}.json"));
+        let what = format!("eval {label}");
+        let read = |u: usize| -> Option<EvalUnit> {
+            if !dsel_store::trust_sealed(unit_path(u), &what) {
+                return None;
+            }
+            let bytes = std::fs::read(unit_path(u)).ok()?;
+            serde_json::from_slice(&bytes).ok()
+        };
+        tracing::info!("{what}: {n} test examples in {n_units} units");
+        let mut progress = dsel_progress::Progress::new(&what, n as u64, "ex");
+        let units = dsel_store::shard::run_units_with(
+            n_units,
+            work,
+            &what,
+            scratch,
+            |u| read(u).is_some(),
+            |u| {
+                let unit = score_unit(&examples[range_of(u)])?;
+                dsel_store::write_sealed(unit_path(u), serde_json::to_vec(&unit)?)
+            },
+            |u, _| progress.inc(range_of(u).len() as u64),
+        )?;
+        progress.finish();
+        let Some(out) = out.filter(|_| units.complete()) else {
+            return Ok(serde_json::json!({"units": units.total, "computed": units.computed}));
+        };
+        let (mut losses, mut items) = (Vec::new(), Vec::new());
+        for u in 0..n_units {
+            let unit =
+                read(u).with_context(|| format!("{what}: unit {u} vanished or is corrupt"))?;
+            losses.extend(unit.losses);
+            items.extend(unit.items);
+        }
         if losses.is_empty() {
             bail!("{task_name}: no test example could be scored for the loss");
         }
         let (test_loss, loss_per_subtask) = dsel_eval::aggregate(&losses, false);
-        tracing::info!(
-            "eval {label}: test loss {test_loss:.4} ({:.1}s)",
-            t0.elapsed().as_secs_f64()
-        );
         let mut extra = BTreeMap::new();
-        let (metric_name, items, macro_avg) = match (named, cfg.metric) {
-            (Some(TaskName::Mmlu), true) => (
-                "accuracy",
-                dsel_eval::evaluate_mmlu(&model, &enc, &examples, &mmlu_opts)?,
-                false,
-            ),
-            (Some(TaskName::Bbh), true) => (
-                "exact_match",
-                dsel_eval::evaluate_bbh(&model, &enc, &examples, &cfg.bbh)?,
-                true,
-            ),
+        let (metric_name, macro_avg) = match (named, cfg.metric) {
+            (Some(TaskName::Mmlu), true) => ("accuracy", false),
+            (Some(TaskName::Bbh), true) => ("exact_match", true),
             (Some(TaskName::Tydiqa), true) => {
-                let items = dsel_eval::evaluate_tydiqa(&model, &enc, &examples, &cfg.tydiqa)?;
                 let em: Vec<ItemResult> = items
                     .iter()
                     .map(|i| ItemResult {
@@ -447,9 +512,9 @@ pub fn evaluate(
                     })
                     .collect();
                 extra.insert("exact_match".to_string(), dsel_eval::aggregate(&em, true).0);
-                ("f1", items, true)
+                ("f1", true)
             }
-            _ => ("test_loss", Vec::new(), false),
+            _ => ("test_loss", false),
         };
         let (metric, per_subtask) = if items.is_empty() {
             (test_loss, loss_per_subtask.clone())
@@ -467,7 +532,7 @@ pub fn evaluate(
                 metric_name: metric_name.to_string(),
                 metric,
                 per_subtask,
-                n: examples.len(),
+                n,
                 seconds: t0.elapsed().as_secs_f64(),
             },
             n_per_subtask,
@@ -482,18 +547,29 @@ pub fn evaluate(
             config: cfg.clone(),
         };
         tracing::info!(
-            "eval {label}: {metric_name} {metric:.4}, test loss {test_loss:.4}, n {} ({:.1}s)",
-            report.result.n,
+            "{what}: {metric_name} {metric:.4}, test loss {test_loss:.4}, n {n} ({:.1}s)",
             report.result.seconds
         );
-        write_jsonl(&b.path("items.jsonl"), &items)?;
-        write_jsonl(&b.path("losses.jsonl"), &losses)?;
-        dsel_store::atomic_write(b.path("results.json"), serde_json::to_vec_pretty(&report)?)?;
-        b.set_info(serde_json::to_value(&report.result)?);
-        Ok(())
-    })?;
-    p.record("eval", &label, &o);
-    Ok(read_report(&o.artifact)?.result)
+        write_jsonl(&out.join("items.jsonl"), &items)?;
+        write_jsonl(&out.join("losses.jsonl"), &losses)?;
+        dsel_store::atomic_write(
+            out.join("results.json"),
+            serde_json::to_vec_pretty(&report)?,
+        )?;
+        Ok(serde_json::to_value(&report.result)?)
+    };
+    match p.pool_stage(&spec, &label, run)? {
+        Some(a) => Ok(Some(read_report(&a)?.result)),
+        None => Ok(None),
+    }
+}
+
+/// One unit of an evaluation's scratch state: its examples' test losses
+/// and metric items.
+#[derive(Serialize, Deserialize)]
+struct EvalUnit {
+    losses: Vec<ItemResult>,
+    items: Vec<ItemResult>,
 }
 
 #[cfg(test)]

@@ -144,33 +144,28 @@ pub fn read_unit<T: NpyElement>(file: &UnitFile, what: &str) -> Option<Vec<T>> {
     (v.len() == file.len).then(|| v.to_vec())
 }
 
-/// Runs units `0..n_units` as `work` says: a unit is finished when every
-/// one of its `files(u)` can be read back ([`read_unit`]); an unfinished
-/// unit `work.shard` owns is computed by `compute(u)` (one vector per file,
-/// in order, each of the file's length) and written sealed, unless
-/// `work.missing` is [`Missing::Fail`], which stops with an error naming
-/// every missing unit. `done(u, resumed)` is called after each finished unit (for
-/// progress).
-pub fn run_units<T: NpyElement>(
+/// Runs units `0..n_units` as `work` says, whatever a unit's files are: a
+/// unit is finished when `finished(u)`; an unfinished unit `work.shard`
+/// owns is computed and written by `compute(u)` (atomically, sealed),
+/// unless `work.missing` is [`Missing::Fail`], which stops with an error
+/// naming every missing unit (and `scratch`, where they are looked for).
+/// `done(u, resumed)` is called after each finished unit (for progress).
+pub fn run_units_with(
     n_units: usize,
     work: UnitWork,
     what: &str,
-    files: impl Fn(usize) -> Vec<UnitFile>,
-    mut compute: impl FnMut(usize) -> Result<Vec<Vec<T>>>,
+    scratch: &Path,
+    finished: impl Fn(usize) -> bool,
+    mut compute: impl FnMut(usize) -> Result<()>,
     mut done: impl FnMut(usize, bool),
 ) -> Result<UnitsDone> {
     let mut report = UnitsDone {
         total: n_units,
         ..Default::default()
     };
-    let finished = |u: usize| files(u).iter().all(|f| read_unit::<T>(f, what).is_some());
     if work.missing == Missing::Fail {
         let absent: Vec<usize> = (0..n_units).filter(|&u| !finished(u)).collect();
         if !absent.is_empty() {
-            let scratch = files(absent[0])
-                .first()
-                .and_then(|f| f.path.parent().map(Path::to_path_buf))
-                .unwrap_or_default();
             bail!(
                 "{what}: {} of {n_units} units are not finished in {} (units {}); \
                  run the shard workers that own them (unit u belongs to worker u mod N) \
@@ -191,28 +186,52 @@ pub fn run_units<T: NpyElement>(
             report.others += 1;
             continue;
         }
+        compute(u).with_context(|| format!("{what}: unit {u}"))?;
+        report.computed += 1;
+        done(u, false);
+    }
+    Ok(report)
+}
+
+/// [`run_units_with`] for units of sealed `.npy` files: a unit is finished
+/// when every one of its `files(u)` can be read back ([`read_unit`]);
+/// `compute(u)` returns one vector per file, in order, each of the file's
+/// length, and they are written sealed.
+pub fn run_units<T: NpyElement>(
+    n_units: usize,
+    work: UnitWork,
+    what: &str,
+    files: impl Fn(usize) -> Vec<UnitFile>,
+    mut compute: impl FnMut(usize) -> Result<Vec<Vec<T>>>,
+    done: impl FnMut(usize, bool),
+) -> Result<UnitsDone> {
+    let scratch = files(0)
+        .first()
+        .and_then(|f| f.path.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    let finished = |u: usize| files(u).iter().all(|f| read_unit::<T>(f, what).is_some());
+    let write = |u: usize| {
         let unit_files = files(u);
-        let values = compute(u).with_context(|| format!("{what}: unit {u}"))?;
+        let values = compute(u)?;
         anyhow::ensure!(
             values.len() == unit_files.len(),
-            "{what}: unit {u} computed {} outputs for {} files",
+            "computed {} outputs for {} files",
             values.len(),
             unit_files.len()
         );
         for (f, v) in unit_files.iter().zip(&values) {
             anyhow::ensure!(
                 v.len() == f.len,
-                "{what}: unit {u} computed {} values for {} (expected {})",
+                "computed {} values for {} (expected {})",
                 v.len(),
                 f.path.display(),
                 f.len
             );
             crate::write_npy_sealed(&f.path, &[v.len()], v)?;
         }
-        report.computed += 1;
-        done(u, false);
-    }
-    Ok(report)
+        Ok(())
+    };
+    run_units_with(n_units, work, what, &scratch, finished, write, done)
 }
 
 /// Concatenates file `which` of every unit into one `.npy` at `out` of
