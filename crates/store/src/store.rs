@@ -405,7 +405,8 @@ struct Fingerprint {
 
 /// A per-key lock (exclusive or shared), released on drop.
 struct KeyLock {
-    _file: File,
+    /// `None` when the store runs without locks ([`Store::set_locking`]).
+    _file: Option<File>,
 }
 
 /// This store's lease file: the keys of the artifacts it handed out, one a
@@ -428,6 +429,8 @@ pub struct Store {
     environment: Value,
     verified: Mutex<HashMap<PathBuf, Fingerprint>>,
     leases: Mutex<Option<Leases>>,
+    /// Whether per-key locks and leases are taken (see [`Store::set_locking`]).
+    locking: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Store {
@@ -478,7 +481,51 @@ impl Store {
             environment: Value::Null,
             verified: Mutex::new(HashMap::new()),
             leases: Mutex::new(None),
+            locking: std::sync::atomic::AtomicBool::new(true),
         })
+    }
+
+    /// Turns per-key locks and leases off (or on again), for a cache on a
+    /// filesystem whose locks are missing or hang (Lustre mounted without
+    /// `flock`, NFS without a lock manager; `DSEL_LOCKS=off`). Without
+    /// locks, two processes building the same artifact at once are not
+    /// serialised (both build; one rename wins, the other build fails), and
+    /// [`Store::gc`] refuses to run, since it cannot see what live processes
+    /// use. A sharded run (prepare, shard workers, merge) needs no lock: each
+    /// artifact has one writer and each unit file one worker. A lock call
+    /// that fails because the filesystem does not support locks turns them
+    /// off by itself, with a warning.
+    pub fn set_locking(&self, on: bool) {
+        self.locking.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether per-key locks and leases are taken.
+    pub fn locking(&self) -> bool {
+        self.locking.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// True for a lock error that means the filesystem has no locks.
+    fn locks_unsupported(e: &std::io::Error) -> bool {
+        matches!(e.kind(), std::io::ErrorKind::Unsupported)
+            || matches!(
+                e.raw_os_error(),
+                Some(libc::ENOLCK) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
+            )
+    }
+
+    /// Turns locks off after `e`, when it says the filesystem has none.
+    fn give_up_locks(&self, e: &std::io::Error, path: &Path) -> bool {
+        if !Self::locks_unsupported(e) {
+            return false;
+        }
+        tracing::warn!(
+            "the cache's filesystem does not support file locks ({e}, locking {}): \
+             continuing without them; concurrent builds of one artifact are not serialised \
+             and `cache gc` is disabled (set DSEL_LOCKS=off to silence this)",
+            path.display()
+        );
+        self.set_locking(false);
+        true
     }
 
     /// Sets what every manifest written from now on records about the
@@ -540,6 +587,9 @@ impl Store {
             }
         };
         let path = self.lock_path(key);
+        if !self.locking() {
+            return Ok(Some(KeyLock { _file: None }));
+        }
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         }
@@ -551,28 +601,33 @@ impl Store {
                 .truncate(false)
                 .open(&path)
                 .with_context(|| format!("opening lock file {}", path.display()))?;
-            if blocking {
-                if try_lock(&file).is_err() {
+            match try_lock(&file) {
+                Ok(()) => {}
+                Err(TryLockError::WouldBlock) if blocking => {
                     tracing::info!(
                         "waiting for another process using artifact {} (lock {})",
                         key.short(),
                         path.display()
                     );
-                    lock(&file).with_context(|| format!("locking {}", path.display()))?;
-                }
-            } else {
-                match try_lock(&file) {
-                    Ok(()) => {}
-                    Err(TryLockError::WouldBlock) => return Ok(None),
-                    Err(TryLockError::Error(e)) => {
-                        return Err(e).with_context(|| format!("locking {}", path.display()))
+                    if let Err(e) = lock(&file) {
+                        if self.give_up_locks(&e, &path) {
+                            return Ok(Some(KeyLock { _file: None }));
+                        }
+                        return Err(e).with_context(|| format!("locking {}", path.display()));
                     }
+                }
+                Err(TryLockError::WouldBlock) => return Ok(None),
+                Err(TryLockError::Error(e)) => {
+                    if self.give_up_locks(&e, &path) {
+                        return Ok(Some(KeyLock { _file: None }));
+                    }
+                    return Err(e).with_context(|| format!("locking {}", path.display()));
                 }
             }
             // gc may have removed the lock file between our open and lock:
             // then we hold a lock on an unlinked inode and must retry.
             if same_file(&file, &path) {
-                return Ok(Some(KeyLock { _file: file }));
+                return Ok(Some(KeyLock { _file: Some(file) }));
             }
         }
     }
@@ -581,6 +636,9 @@ impl Store {
     /// the key's lock held, shared or exclusive). The lease lasts as long as
     /// the store: [`Store::gc`] in any process leaves the artifact alone.
     fn lease(&self, key: &ArtifactKey) -> Result<()> {
+        if !self.locking() {
+            return Ok(());
+        }
         let mut guard = self
             .leases
             .lock()
@@ -1191,6 +1249,11 @@ impl Store {
     /// artifacts an open store in any live process handed out (reported in
     /// [`GcReport::skipped_in_use`]). With `dry_run` only reports.
     pub fn gc(&self, opts: &GcOptions) -> Result<GcReport> {
+        anyhow::ensure!(
+            self.locking(),
+            "cache gc needs file locks to see which artifacts running processes use, \
+             and this store runs without them (DSEL_LOCKS=off, or a filesystem without locks)"
+        );
         let now = now_unix();
         let cutoff = now.saturating_sub(opts.older_than.as_secs());
         let mut report = GcReport {

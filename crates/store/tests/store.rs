@@ -902,3 +902,27 @@ fn killed_build_leaves_no_artifact() {
     assert!(!out.artifact.path("half.bin").exists());
     no_tmp_left(root.path());
 }
+
+/// A store without locks (`DSEL_LOCKS=off`: a filesystem whose locks are
+/// missing or hang) builds and reuses artifacts, leaves no lock or lease
+/// file, and refuses `gc`, which needs locks to see what live processes use.
+#[test]
+fn a_store_without_locks_builds_and_reuses_and_refuses_gc() {
+    let root = tempfile::tempdir().unwrap();
+    let store = Store::open(root.path()).unwrap();
+    store.set_locking(false);
+    let spec = simple_spec("unlocked");
+    let calls = AtomicUsize::new(0);
+    assert!(!build_counting(&store, &spec, &calls).cache_hit);
+    assert!(build_counting(&store, &spec, &calls).cache_hit);
+    assert!(store.lookup(&spec).unwrap().is_some());
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let locks: Vec<_> = fs::read_dir(root.path().join("locks"))
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(locks.is_empty(), "no lock or lease files: {locks:?}");
+    let err = store.gc(&GcOptions::default()).unwrap_err();
+    assert!(format!("{err:#}").contains("needs file locks"), "{err:#}");
+    store.set_locking(true);
+    assert!(build_counting(&store, &spec, &calls).cache_hit);
+}
