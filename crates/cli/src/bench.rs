@@ -68,22 +68,8 @@ pub struct BenchArgs {
     json: Option<PathBuf>,
 }
 
-/// Peak resident memory of this process (VmHWM), in MiB.
-pub fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
-
 /// Resets the peak-memory mark to the current resident size (Linux), so
-/// that the next [`peak_rss_mib`] is the peak of what runs in between.
+/// that the next [`dsel_store::process_peak_rss_mib`] is the peak of what runs in between.
 fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
@@ -273,7 +259,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 model.token_logprobs_inference(&batch)?;
                 Ok(())
             })?;
-            let mem = peak_rss_mib();
+            let mem = dsel_store::process_peak_rss_mib();
             let flops = forward_flops_per_token(&model, a.seq) * tokens as f64;
             let tps = tokens as f64 / fwd;
             // The LM head + log-softmax alone (hidden states given).
@@ -330,7 +316,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 opt.step(&grads, 1e-5)?;
                 Ok(())
             })?;
-            let mem = peak_rss_mib();
+            let mem = dsel_store::process_peak_rss_mib();
             println!(
                 "{p} LoRA r={} (q,k,v,o) AdamW step ({}×{}): {:.0} tokens/s, peak {mem:.0} MiB ({} trainable parameters)",
                 a.lora_rank,
@@ -346,7 +332,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             out[format!("less_{p}")] = bench_less(&model, &batch, a, p)?;
         }
     }
-    println!("peak memory of the whole run: {:.0} MiB", peak_rss_mib());
+    println!(
+        "peak memory of the whole run: {:.0} MiB",
+        dsel_store::process_peak_rss_mib()
+    );
     if let Some(path) = &a.json {
         std::fs::write(path, serde_json::to_vec_pretty(&out)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -379,7 +368,7 @@ fn bench_less(model: &Model, batch: &Batch, a: &BenchArgs, p: Precision) -> Resu
         proj.project_accumulate(&g, rows, params, params, 0, &mut sketch, p)?;
         Ok(())
     })?;
-    let mem = peak_rss_mib();
+    let mem = dsel_store::process_peak_rss_mib();
     let grad_per_ex = grads_s / b as f64;
     let proj_per_ex = proj_s / rows as f64;
     let per_example = grad_per_ex + proj_per_ex;

@@ -183,13 +183,9 @@ pub fn embeddings(
             None => return Ok(None),
         }
     } else {
-        let o = p.build(&spec, |b| {
-            let info = run(&b.scratch_dir(), Some(b.dir()), UnitWork::default())?;
-            b.set_info(info);
-            Ok(())
-        })?;
-        p.record("embed", label, &o);
-        o.artifact
+        p.build_stage(&spec, label, |b| {
+            run(&b.scratch_dir(), Some(b.dir()), UnitWork::default())
+        })?
     };
     let arr = NpyArray::open(art.path("hidden.npy"))?;
     Ok(Some(Tensor::from_slice(

@@ -280,7 +280,7 @@ fn static_row(
             eval: ev,
             step_losses,
         });
-        row.peak_mib = peak_rss_mib();
+        row.peak_mib = dsel_store::process_peak_rss_mib();
     }
     Ok(row)
 }
@@ -339,7 +339,7 @@ fn online_row(
                 .flat_map(|e| e.step_losses.iter().copied())
                 .collect(),
         });
-        row.peak_mib = peak_rss_mib();
+        row.peak_mib = dsel_store::process_peak_rss_mib();
     }
     Ok(row)
 }
@@ -359,19 +359,6 @@ fn read_chosen(path: &Path) -> Result<Vec<usize>> {
         out.extend(rec.chosen);
     }
     Ok(out)
-}
-
-/// Peak resident memory of this process (VmHWM), MiB.
-pub fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
 }
 
 /// Run the comparison. `base` is the request every method shares (its
@@ -422,7 +409,7 @@ pub fn compare(
         eval: reference,
         step_losses: vec![],
     });
-    none.peak_mib = peak_rss_mib();
+    none.peak_mib = dsel_store::process_peak_rss_mib();
     report.rows.push(none);
     write_outputs(out_dir, &report)?;
 

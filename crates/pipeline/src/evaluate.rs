@@ -139,7 +139,8 @@ pub fn train_on_selection(
         json!({"kind": "selection", "fingerprint": fingerprint}),
     );
     let path = selection_jsonl.to_path_buf();
-    let o = p.build(&spec, |b| {
+    let label = format!("selection {}", selection_jsonl.display());
+    let examples = p.ingest(&spec, &label, || {
         let mut report = dsel_ingest::IngestReport::default();
         let examples =
             dsel_ingest::read_messages_jsonl(&path, &ReadOptions::default(), &mut report)?;
@@ -147,13 +148,9 @@ pub fn train_on_selection(
             bail!("{}: no trainable examples", path.display());
         }
         report.kept = examples.len() as u64;
-        dsel_ingest::write_examples_parquet(&b.path("examples.parquet"), &examples)?;
-        b.set_info(serde_json::to_value(&report)?);
-        Ok(())
+        Ok((examples, report))
     })?;
-    let label = format!("selection {}", selection_jsonl.display());
-    p.record("ingest", &label, &o);
-    let tok = p.tokenize(&o.artifact, cfg.max_len, cfg.truncation, &label)?;
+    let tok = p.tokenize(&examples, cfg.max_len, cfg.truncation, &label)?;
     let n = TokenizedSet::open(tok.dir())?.len();
     if n == 0 {
         bail!(

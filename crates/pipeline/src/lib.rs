@@ -226,6 +226,23 @@ impl Pipeline {
         self.store.get_or_build(spec, build)
     }
 
+    /// [`Pipeline::build`] with the report `build` returns as the manifest's
+    /// info, recorded under the spec's stage name and `label`.
+    pub(crate) fn build_stage<R: serde::Serialize>(
+        &mut self,
+        spec: &StageSpec,
+        label: &str,
+        build: impl FnOnce(&dsel_store::Builder) -> Result<R>,
+    ) -> Result<Artifact> {
+        let o = self.build(spec, |b| {
+            let report = build(b)?;
+            b.set_info(serde_json::to_value(&report)?);
+            Ok(())
+        })?;
+        self.record(&spec.stage, label, &o);
+        Ok(o.artifact)
+    }
+
     /// Runs a pool-wide stage as [`Work`] says. `run(scratch, out, work)`
     /// computes the units `work` asks for into `scratch` and, when given
     /// `out`, assembles the artifact's files there (every unit is finished
@@ -327,14 +344,24 @@ impl Pipeline {
         )
         .with_seed(opts.seed);
         let root = self.data_root.clone();
-        let o = self.build(&spec, |b| {
-            let (examples, report) = dsel_ingest::load_pool(mixture, &root, opts)?;
+        self.ingest(&spec, &format!("pool {mixture}"), || {
+            Ok(dsel_ingest::load_pool(mixture, &root, opts)?)
+        })
+    }
+
+    /// Builds (or reuses) an `ingest` artifact: the canonical table of the
+    /// examples `load` reads, with its report as the manifest's info.
+    pub(crate) fn ingest(
+        &mut self,
+        spec: &StageSpec,
+        label: &str,
+        load: impl FnOnce() -> Result<(Vec<Example>, dsel_ingest::IngestReport)>,
+    ) -> Result<Artifact> {
+        self.build_stage(spec, label, |b| {
+            let (examples, report) = load()?;
             dsel_ingest::write_examples_parquet(&b.path("examples.parquet"), &examples)?;
-            b.set_info(serde_json::to_value(&report)?);
-            Ok(())
-        })?;
-        self.record("ingest", &format!("pool {mixture}"), &o);
-        Ok(o.artifact)
+            Ok(report)
+        })
     }
 
     /// Ingest a target's validation examples (LESS's D_val for named tasks),
@@ -355,14 +382,9 @@ impl Pipeline {
             json!({"kind": "target-validation", "target": name, "fingerprint": fingerprint}),
         );
         let root = self.data_root.clone();
-        let o = self.build(&spec, |b| {
-            let (examples, report) = dsel_ingest::load_target_validation(target, &root)?;
-            dsel_ingest::write_examples_parquet(&b.path("examples.parquet"), &examples)?;
-            b.set_info(serde_json::to_value(&report)?);
-            Ok(())
-        })?;
-        self.record("ingest", &format!("target {name}"), &o);
-        Ok(o.artifact)
+        self.ingest(&spec, &format!("target {name}"), || {
+            Ok(dsel_ingest::load_target_validation(target, &root)?)
+        })
     }
 
     /// The chat format the loaded model uses (its template, else tulu) and the BOS to prepend.
@@ -421,7 +443,7 @@ impl Pipeline {
         let spec = StageSpec::new(dsel_tokenize::STAGE, dsel_tokenize::STAGE_VERSION, config)
             .input(examples.key().clone());
         let ex_path = examples.path("examples.parquet");
-        let o = self.build(&spec, |b| {
+        self.build_stage(&spec, label, |b| {
             let examples = dsel_ingest::read_examples_parquet(&ex_path)?;
             let fmt = Formatter::new(format)?;
             let report =
@@ -434,11 +456,8 @@ impl Pipeline {
                 report.tokens_per_second,
                 report.skipped
             );
-            b.set_info(serde_json::to_value(&report)?);
-            Ok(())
-        })?;
-        self.record("tokenize", label, &o);
-        Ok(o.artifact)
+            Ok(report)
+        })
     }
 
     /// A fresh model from the loaded weights, at this pipeline's precision.
@@ -472,8 +491,8 @@ impl Pipeline {
         let mut model = self.fresh_model()?;
         let tok = TokenizedSet::open(set.dir())?;
         let start_path = start.map(|s| s.path("adapter.safetensors"));
-        let o = self.build(&spec, |b| {
-            let report = dsel_basetrain::finetune(
+        self.build_stage(&spec, label, |b| {
+            dsel_basetrain::finetune(
                 &mut model,
                 start_path.as_deref(),
                 &tok,
@@ -481,12 +500,8 @@ impl Pipeline {
                 cfg,
                 &b.scratch_dir(),
                 b.dir(),
-            )?;
-            b.set_info(serde_json::to_value(&report)?);
-            Ok(())
-        })?;
-        self.record(stage, label, &o);
-        Ok(o.artifact)
+            )
+        })
     }
 
     /// ToV's validation fine-tune from a base adapter.
@@ -510,8 +525,8 @@ impl Pipeline {
         let mut model = self.fresh_model()?;
         let tok = TokenizedSet::open(target.dir())?;
         let start = base.path("adapter.safetensors");
-        let o = self.build(&spec, |b| {
-            let report = dsel_valtune::valtune(
+        self.build_stage(&spec, label, |b| {
+            dsel_valtune::valtune(
                 &mut model,
                 &start,
                 &tok,
@@ -519,12 +534,8 @@ impl Pipeline {
                 v,
                 &b.scratch_dir(),
                 b.dir(),
-            )?;
-            b.set_info(serde_json::to_value(&report)?);
-            Ok(())
-        })?;
-        self.record("valtune", label, &o);
-        Ok(o.artifact)
+            )
+        })
     }
 
     /// Per-token loss sweep of the pool `set` under the base model plus

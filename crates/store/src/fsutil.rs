@@ -293,6 +293,19 @@ pub fn process_cpu_seconds() -> f64 {
     0.0
 }
 
+/// Peak resident memory of this process (`VmHWM` of `/proc/self/status`),
+/// in MiB; NaN where the platform does not report it.
+pub fn process_peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

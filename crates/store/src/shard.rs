@@ -295,15 +295,25 @@ mod tests {
         }
     }
 
-    fn w(shard: &str, missing: Missing) -> UnitWork {
-        UnitWork {
-            shard: Shard::parse(shard).unwrap(),
-            missing,
-        }
-    }
-
+    /// Unit u holds `u + 1` values `10u, 10u + 1, …`.
     fn values(u: usize) -> Result<Vec<Vec<f32>>> {
         Ok(vec![(0..=u).map(|i| (u * 10 + i) as f32).collect()])
+    }
+
+    /// `n` units of [`values`] in `dir` as worker `shard` (`i/N`) would run them.
+    fn run(dir: &Path, n: usize, shard: &str, missing: Missing) -> Result<UnitsDone> {
+        let work = UnitWork {
+            shard: Shard::parse(shard).unwrap(),
+            missing,
+        };
+        run_units(n, work, "t", files(dir), values, |_, _| {})
+    }
+
+    /// The units of `dir` concatenated, as bytes of one `.npy`.
+    fn assembled(dir: &Path, n: usize) -> Vec<u8> {
+        let out = dir.join("out.npy");
+        concat_units::<f32>(n, "t", files(dir), 0, &out, &[]).unwrap();
+        std::fs::read(out).unwrap()
     }
 
     #[test]
@@ -321,126 +331,48 @@ mod tests {
     fn workers_split_the_units_and_the_merge_writes_one_processs_bytes() {
         let single = tempfile::tempdir().unwrap();
         let shared = tempfile::tempdir().unwrap();
+        let (one, two) = (single.path(), shared.path());
         let n = 5;
-        let r = run_units(
-            n,
-            w("0/1", Missing::Compute),
-            "t",
-            files(single.path()),
-            values,
-            |_, _| {},
-        )
-        .unwrap();
+        let r = run(one, n, "0/1", Missing::Compute).unwrap();
         assert_eq!((r.computed, r.resumed, r.others), (5, 0, 0));
-        concat_units::<f32>(
-            n,
-            "t",
-            files(single.path()),
-            0,
-            &single.path().join("out.npy"),
-            &[],
-        )
-        .unwrap();
 
         // A merge before the workers ran names what is missing.
-        let err = run_units(
-            n,
-            w("0/1", Missing::Fail),
-            "t",
-            files(shared.path()),
-            values,
-            |_, _| {},
-        )
-        .unwrap_err();
+        let err = run(two, n, "0/1", Missing::Fail).unwrap_err();
         assert!(format!("{err:#}").contains("5 of 5 units"), "{err:#}");
-        let w0 = run_units(
-            n,
-            w("0/2", Missing::Compute),
-            "t",
-            files(shared.path()),
-            values,
-            |_, _| {},
-        )
-        .unwrap();
+        let w0 = run(two, n, "0/2", Missing::Compute).unwrap();
         assert_eq!((w0.computed, w0.others), (3, 2));
         assert!(!w0.complete());
-        let err = run_units(
-            n,
-            w("0/1", Missing::Fail),
-            "t",
-            files(shared.path()),
-            values,
-            |_, _| {},
-        )
-        .unwrap_err();
+        let err = run(two, n, "0/1", Missing::Fail).unwrap_err();
         assert!(format!("{err:#}").contains("units 1, 3"), "{err:#}");
-        let w1 = run_units(
-            n,
-            w("1/2", Missing::Compute),
-            "t",
-            files(shared.path()),
-            values,
-            |_, _| {},
-        )
-        .unwrap();
+        let w1 = run(two, n, "1/2", Missing::Compute).unwrap();
         assert_eq!((w1.computed, w1.resumed), (2, 3));
-        let merged = run_units(
-            n,
-            w("0/1", Missing::Fail),
-            "t",
-            files(shared.path()),
-            |_| -> Result<Vec<Vec<f32>>> { panic!("nothing to compute") },
-            |_, _| {},
-        )
-        .unwrap();
+        let work = UnitWork {
+            shard: Shard::all(),
+            missing: Missing::Fail,
+        };
+        let nothing = |_| -> Result<Vec<Vec<f32>>> { panic!("nothing to compute") };
+        let merged = run_units(n, work, "t", files(two), nothing, |_, _| {}).unwrap();
         assert_eq!((merged.resumed, merged.computed), (5, 0));
-        concat_units::<f32>(
-            n,
-            "t",
-            files(shared.path()),
-            0,
-            &shared.path().join("out.npy"),
-            &[],
-        )
-        .unwrap();
-        assert_eq!(
-            std::fs::read(single.path().join("out.npy")).unwrap(),
-            std::fs::read(shared.path().join("out.npy")).unwrap()
-        );
+        assert_eq!(assembled(one, n), assembled(two, n));
     }
 
     #[test]
     fn a_corrupt_unit_is_recomputed_and_a_wrong_length_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        run_units(
-            3,
-            w("0/1", Missing::Compute),
-            "t",
-            files(dir.path()),
-            values,
-            |_, _| {},
-        )
-        .unwrap();
+        run(dir.path(), 3, "0/1", Missing::Compute).unwrap();
         let p = dir.path().join("unit-000001.a.npy");
         let mut bytes = std::fs::read(&p).unwrap();
         *bytes.last_mut().unwrap() ^= 1;
         std::fs::write(&p, bytes).unwrap();
-        let r = run_units(
-            3,
-            w("0/1", Missing::Compute),
-            "t",
-            files(dir.path()),
-            values,
-            |_, _| {},
-        )
-        .unwrap();
+        let r = run(dir.path(), 3, "0/1", Missing::Compute).unwrap();
         assert_eq!((r.computed, r.resumed), (1, 2));
+        let short = |_| Ok(vec![vec![0f32; 2]]);
         let err = run_units(
             4,
-            w("0/1", Missing::Compute),
+            UnitWork::default(),
             "t",
             files(dir.path()),
-            |_| Ok(vec![vec![0f32; 2]]),
+            short,
             |_, _| {},
         )
         .unwrap_err();
