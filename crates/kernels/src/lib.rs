@@ -12,11 +12,15 @@
 //!   the vocabulary, RMSNorm, rotary embeddings, the masked attention
 //!   softmax) with exact backward passes.
 //! * [`bf16`]: f32 ↔ bf16 conversion (round to nearest even).
+//! * [`bf16_gemm`]: this crate's own bf16 GEMM on AVX512-BF16, used for
+//!   bf16 products where the library has none that runs on the hardware
+//!   (OpenBLAS's wheel; MKL on non-Intel processors).
 //!
 //! Nothing here knows about models: the crate works on candle tensors and
 //! raw slices only.
 
 pub mod bf16;
+pub mod bf16_gemm;
 pub mod fused;
 pub mod gemm;
 pub mod library;
@@ -55,9 +59,10 @@ impl Precision {
         }
     }
 
-    /// The fastest precision this process can run: `Bf16` when a library
-    /// with a native bf16 GEMM loaded (MKL), else `F32` (emulating bf16
-    /// without hardware support would be slower than f32).
+    /// The fastest precision this process can run: `Bf16` when bf16
+    /// products run on bf16 hardware (MKL on AMX/AVX512-BF16, or
+    /// [`bf16_gemm`] on AVX512-BF16), else `F32` (emulating bf16 without
+    /// hardware support would be slower than f32).
     pub fn fastest() -> Precision {
         if backend().bf16_native {
             Precision::Bf16

@@ -12,6 +12,10 @@
 //!    threads never compete for the cores.
 //! 2. **OpenBLAS** (`libopenblas.so.0`, Debian `libopenblas0-pthread`):
 //!    f32/f64 only, its own single-threaded kernels, split over rayon.
+//!
+//! With OpenBLAS, and with MKL on a non-Intel processor (whose bf16 GEMM
+//! MKL runs in emulation there), bf16 products go to this crate's own
+//! AVX512-BF16 kernel ([`crate::bf16_gemm`]) where the processor has it.
 //! 3. **candle's matmul** (the `gemm` crate): always there; bf16 is then
 //!    emulated (inputs rounded to bf16, products in f32), slower than f32.
 //!
@@ -72,9 +76,10 @@ pub struct Backend {
     pub kind: BackendKind,
     /// One line: library, version, file, threading.
     pub description: String,
-    /// Whether bf16 products run natively: MKL's bf16 GEMM on a processor
-    /// with bf16 units (AVX512-BF16 or AMX-BF16). Otherwise bf16 is
-    /// computed from rounded operands in f32, which is slower than f32.
+    /// Whether bf16 products run natively: MKL's bf16 GEMM on an Intel
+    /// processor with bf16 units (AVX512-BF16 or AMX-BF16), or this crate's
+    /// [`crate::bf16_gemm`] on any processor with AVX512-BF16. Otherwise
+    /// bf16 is computed from rounded operands in f32, slower than f32.
     pub bf16_native: bool,
     /// The processor's relevant features.
     pub cpu: CpuFacts,
@@ -197,7 +202,14 @@ fn load() -> (Backend, Option<Loaded>) {
             _ => load_openblas(),
         };
         match attempt {
-            Ok((loaded, description)) => {
+            Ok((mut loaded, mut description)) => {
+                // MKL's bf16 GEMM runs on the hardware on Intel processors
+                // only; elsewhere (and with OpenBLAS, which has none) this
+                // crate's AVX512-BF16 kernel takes the bf16 products.
+                if !(kind == BackendKind::Mkl && cpu.intel) && crate::bf16_gemm::available() {
+                    loaded.bf16 = Some(crate::bf16_gemm::cblas_gemm_bf16bf16f32);
+                    description.push_str("; bf16 on dsel's AVX512-BF16 kernel");
+                }
                 let bf16_native = loaded.bf16.is_some() && cpu.bf16_hardware();
                 if kind == BackendKind::Mkl && !cpu.bf16_hardware() {
                     reasons.push("this processor has no bf16 units (AVX512-BF16/AMX)".into());

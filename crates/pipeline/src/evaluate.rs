@@ -652,7 +652,9 @@ mod tests {
         // Independent base-model loss: mean of the two hand-computed losses.
         let raw = &p.model().unwrap().raw;
         let tok = raw.tokenizer.clone().unwrap();
-        let m = dsel_model::Model::new(raw).unwrap();
+        let mut m = dsel_model::Model::new(raw).unwrap();
+        // At the pipeline's (shipped default) precision.
+        m.set_precision(p.precision()).unwrap();
         let enc = |s: &str| tok.encode_fast(s, false).unwrap().get_ids().to_vec();
         let want = pairs[..2]
             .iter()
