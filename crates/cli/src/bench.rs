@@ -247,10 +247,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 );
             }
             let rate = gemm_flops / gemm_seconds / 1e9;
-            println!(
-                "{p} model GEMM shapes: {rate:.1} GFLOP/s ({:.0}% of the best GEMM 2048³ rate)",
-                100.0 * rate / ceiling.max(f64::MIN_POSITIVE)
-            );
+            // The share of the ceiling only when `gemm` measured one.
+            let share = if ceiling > 0.0 {
+                format!(" ({:.0}% of the best GEMM 2048³ rate)", 100.0 * rate / ceiling)
+            } else {
+                String::new()
+            };
+            println!("{p} model GEMM shapes: {rate:.1} GFLOP/s{share}");
             out[format!("model_gemm_{p}_gflops")] = json!(rate);
         }
         if want("forward") {
