@@ -249,7 +249,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             let rate = gemm_flops / gemm_seconds / 1e9;
             // The share of the ceiling only when `gemm` measured one.
             let share = if ceiling > 0.0 {
-                format!(" ({:.0}% of the best GEMM 2048³ rate)", 100.0 * rate / ceiling)
+                format!(
+                    " ({:.0}% of the best GEMM 2048³ rate)",
+                    100.0 * rate / ceiling
+                )
             } else {
                 String::new()
             };
