@@ -733,6 +733,8 @@ fn print_artifacts(p: &Pipeline, arts: &[(String, dsel_store::Artifact)]) {
 }
 
 fn main() {
+    // Large tensors reuse mapped pages between passes (see the function).
+    dsel_kernels::alloc::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DSEL_LOG")

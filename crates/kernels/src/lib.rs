@@ -12,6 +12,8 @@
 //!   the vocabulary, RMSNorm, rotary embeddings, the masked attention
 //!   softmax) with exact backward passes.
 //! * [`bf16`]: f32 ↔ bf16 conversion (round to nearest even).
+//! * [`alloc`]: keeps freed large blocks mapped (glibc), so the model's
+//!   large tensors stop costing page faults at every pass.
 //! * [`bf16_gemm`]: this crate's own bf16 GEMM on AVX512-BF16, used for
 //!   bf16 products where the library has none that runs on the hardware
 //!   (OpenBLAS's wheel; MKL on non-Intel processors).
@@ -19,6 +21,7 @@
 //! Nothing here knows about models: the crate works on candle tensors and
 //! raw slices only.
 
+pub mod alloc;
 pub mod bf16;
 pub mod bf16_gemm;
 pub mod fused;
