@@ -74,7 +74,8 @@ fn pair(lo: u16, hi: u16) -> u32 {
 
 /// Packs `lines` lines of pairs into panels of `width` lines: panel after
 /// panel, pair after pair, `width` pairs each (lines past `lines` and the
-/// odd pad are zero). Line `l` holds the logical elements `(l, d)` for
+/// odd pad are zero; every other entry is written, so the reused buffer is
+/// not cleared first). Line `l` holds the logical elements `(l, d)` for
 /// `d in 0..depth`, where `(l, d)` sits at `p[l·line_step + d·depth_step]`;
 /// a unit `depth_step` reads each pair as one 32-bit load.
 ///
@@ -92,11 +93,16 @@ unsafe fn pack(
     let pairs = depth.div_ceil(2);
     let whole = depth / 2;
     let panels = lines.div_ceil(width);
-    out.clear();
     out.resize(panels * pairs * width, 0);
     for panel in 0..panels {
         let dst = &mut out[panel * pairs * width..(panel + 1) * pairs * width];
         let n = width.min(lines - panel * width);
+        if n < width {
+            // The last panel's missing lines: zero, whatever an earlier call left.
+            for q in 0..pairs {
+                dst[q * width + n..(q + 1) * width].fill(0);
+            }
+        }
         let base = |l: usize| panel * width + l;
         if depth_step == 1 {
             // Pairs are adjacent in memory: one unaligned 32-bit load each.

@@ -12,12 +12,12 @@
 //!    threads never compete for the cores.
 //! 2. **OpenBLAS** (`libopenblas.so.0`, Debian `libopenblas0-pthread`):
 //!    f32/f64 only, its own single-threaded kernels, split over rayon.
+//! 3. **candle's matmul** (the `gemm` crate): always there; bf16 is then
+//!    emulated (inputs rounded to bf16, products in f32), slower than f32.
 //!
 //! With OpenBLAS, and with MKL on a non-Intel processor (whose bf16 GEMM
 //! MKL runs in emulation there), bf16 products go to this crate's own
 //! AVX512-BF16 kernel ([`crate::bf16_gemm`]) where the processor has it.
-//! 3. **candle's matmul** (the `gemm` crate): always there; bf16 is then
-//!    emulated (inputs rounded to bf16, products in f32), slower than f32.
 //!
 //! `DSEL_BLAS=auto|mkl|openblas|off` restricts the choice (`off`: candle
 //! only). MKL is looked for in `DSEL_MKL_DIR`, then the checkout's
