@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 pub use error::{FileCount, IngestError, IngestReport, Position, Result};
 pub use mixture::{
     builtin_mixture_names, check_data_root, default_data_root, load_pool, mixture_fingerprint,
-    resolve_mixture, sample_indices, Mixture, MixtureEntry, MixtureSpec, SubsetOptions,
-    DATA_ROOT_ENV, PIPELINES_DIR_ENV,
+    resolve_mixture, sample_indices, stratified_sample, Mixture, MixtureEntry, MixtureSpec,
+    SubsetOptions, DATA_ROOT_ENV, PIPELINES_DIR_ENV,
 };
 pub use parquet_io::{
     examples_schema, examples_to_batch, read_examples_parquet, write_examples_parquet,

@@ -32,7 +32,10 @@
 //! chosen indices are sorted so the kept examples stay in original order. Steps, in
 //! order: each entry's `per_source_cap` (groups in sorted source order), each entry's
 //! `max_examples`, then [`SubsetOptions::per_source_cap`] over the whole pool, then
-//! [`SubsetOptions::limit`]. Same mixture, data and seed → same examples, same order.
+//! [`SubsetOptions::limit`]: a uniform draw of `limit` examples, or with
+//! [`SubsetOptions::stratify`] a draw stratified by source ([`stratified_sample`]:
+//! every source keeps its share of the pool, rounded by largest remainder).
+//! Same mixture, data and seed → same examples, same order.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -101,6 +104,9 @@ pub struct SubsetOptions {
     pub per_source_cap: Option<usize>,
     /// Seed of every random choice.
     pub seed: u64,
+    /// Draw `limit` stratified by source (each source in proportion to its
+    /// share of the pool) instead of uniformly.
+    pub stratify: bool,
 }
 
 /// One entry of a mixture file.
@@ -362,7 +368,13 @@ pub fn load_pool(
         });
     }
     if let Some(limit) = opts.limit {
-        pool = sample_keep_order(pool, limit, opts.seed, "pool-limit");
+        pool = if opts.stratify {
+            stratified_sample(pool, limit, opts.seed, "pool-limit-stratified", |e| {
+                e.source.clone()
+            })
+        } else {
+            sample_keep_order(pool, limit, opts.seed, "pool-limit")
+        };
     }
     report.dropped_by_subsetting += (before - pool.len()) as u64;
     let mut seen: HashMap<&str, ()> = HashMap::with_capacity(pool.len());
@@ -433,6 +445,43 @@ pub fn sample_keep_order<T>(items: Vec<T>, k: usize, seed: u64, label: &str) -> 
     out
 }
 
+/// Keep `k` of `items` with every key in proportion to its share: a key with
+/// `n_g` of the `n` items gets `⌊k·n_g/n⌋`, and the `k − Σ⌊·⌋` slots left go
+/// one each to the keys with the largest remainders `k·n_g mod n` (ties: by
+/// the first `u64` of the RNG for `(seed, "{label}\0tie\0{key}")`, then by
+/// key). Each key's members are drawn by [`sample_indices`] with the label
+/// `"{label}\0{key}"`; the kept items stay in original order. All of
+/// `items` when `k >= n`.
+pub fn stratified_sample<T>(
+    items: Vec<T>,
+    k: usize,
+    seed: u64,
+    label: &str,
+    key: impl Fn(&T) -> String,
+) -> Vec<T> {
+    let n = items.len();
+    if k >= n {
+        return items;
+    }
+    let groups = group_by(&items, key);
+    let (k128, n128) = (k as u128, n as u128);
+    let mut quota: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut order: Vec<(u128, u64, &str)> = Vec::with_capacity(groups.len());
+    for (g, members) in &groups {
+        let share = k128 * members.len() as u128;
+        quota.insert(g, (share / n128) as usize);
+        let tie = rng_for(seed, &format!("{label}\0tie\0{g}")).next_u64();
+        order.push((share % n128, tie, g));
+    }
+    // Largest remainder first; ties by the seeded draw, then by key.
+    order.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(b.2)));
+    let left = k - quota.values().sum::<usize>();
+    for (_, _, g) in order.iter().take(left) {
+        *quota.get_mut(g).expect("every key has a quota") += 1;
+    }
+    sample_groups(items, &groups, seed, label, |g| quota[g])
+}
+
 /// Keep at most `cap` items per key (groups sampled independently with the label
 /// `"{label}\0{key}"`), in original order.
 pub fn cap_by_key<T>(
@@ -442,13 +491,32 @@ pub fn cap_by_key<T>(
     label: &str,
     key: impl Fn(&T) -> String,
 ) -> Vec<T> {
+    let groups = group_by(&items, key);
+    sample_groups(items, &groups, seed, label, |_| cap)
+}
+
+/// The indices of `items` per key, in original order.
+fn group_by<T>(items: &[T], key: impl Fn(&T) -> String) -> BTreeMap<String, Vec<usize>> {
     let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (i, item) in items.iter().enumerate() {
         groups.entry(key(item)).or_default().push(i);
     }
+    groups
+}
+
+/// Keeps `quota(key)` members of each group, drawn by
+/// [`sample_indices`] with the label `"{label}\0{key}"`, in original order.
+fn sample_groups<T>(
+    items: Vec<T>,
+    groups: &BTreeMap<String, Vec<usize>>,
+    seed: u64,
+    label: &str,
+    quota: impl Fn(&str) -> usize,
+) -> Vec<T> {
     let mut keep = vec![false; items.len()];
-    for (k, members) in &groups {
-        for j in sample_indices(members.len(), cap, seed, &format!("{label}\0{k}")) {
+    for (g, members) in groups {
+        let k = quota(g);
+        for j in sample_indices(members.len(), k, seed, &format!("{label}\0{g}")) {
             keep[members[j]] = true;
         }
     }

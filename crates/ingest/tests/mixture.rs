@@ -62,6 +62,7 @@ fn tiny_mixture_is_deterministic_and_seeded() {
         limit: None,
         per_source_cap: None,
         seed: 1,
+        stratify: false,
     };
     let (a, report) = load_pool("tiny", &root, &opts).unwrap();
     let by_source = sources(&a);
@@ -123,6 +124,7 @@ fn global_limit_and_per_source_cap() {
         limit: Some(1000),
         per_source_cap: Some(200),
         seed: 9,
+        stratify: false,
     };
     let (sub, report) = load_pool("flan-cot", &root, &opts).unwrap();
     assert_eq!(sub.len(), 1000);
@@ -371,4 +373,48 @@ fn data_root_default_exists() {
         "{}",
         default_data_root().display()
     );
+}
+
+/// A stratified limit gives every source its share of the pool, rounded by
+/// largest remainder: each count is the floor or the ceiling of
+/// `k · n_source / n`, the total is `k`, the order is the pool's, and the
+/// draw depends on the seed.
+#[test]
+fn stratified_limit_keeps_every_source_in_proportion() {
+    let root = data_root();
+    let (full, _) = load_pool("default", &root, &SubsetOptions::default()).unwrap();
+    let all = sources(&full);
+    let (n, k) = (full.len(), 2000usize);
+    let opts = SubsetOptions {
+        limit: Some(k),
+        per_source_cap: None,
+        seed: 3,
+        stratify: true,
+    };
+    let (sub, _) = load_pool("default", &root, &opts).unwrap();
+    assert_eq!(sub.len(), k);
+    let got = sources(&sub);
+    let mut ceilings = 0;
+    for (source, &n_g) in &all {
+        let exact = k as f64 * n_g as f64 / n as f64;
+        let c = got.get(source).copied().unwrap_or(0);
+        assert!(
+            c == exact.floor() as usize || c == exact.ceil() as usize,
+            "{source}: {c} of {k}, expected {exact:.3}"
+        );
+        ceilings += usize::from(c as f64 > exact.floor());
+    }
+    let floors: usize = all.values().map(|&n_g| k * n_g / n).sum();
+    assert_eq!(ceilings, k - floors, "one extra slot per largest remainder");
+    let ids: Vec<&str> = full.iter().map(|e| e.id.as_str()).collect();
+    let mut it = ids.iter();
+    for e in &sub {
+        assert!(it.any(|id| *id == e.id), "{} out of order", e.id);
+    }
+    let again = load_pool("default", &root, &opts).unwrap().0;
+    assert!(sub.iter().zip(&again).all(|(a, b)| a.id == b.id));
+    let other = load_pool("default", &root, &SubsetOptions { seed: 4, ..opts })
+        .unwrap()
+        .0;
+    assert!(sub.iter().zip(&other).any(|(a, b)| a.id != b.id));
 }

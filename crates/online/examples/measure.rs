@@ -91,6 +91,7 @@ fn main() -> Result<()> {
         limit: Some((steps * b).max(64) * 2),
         per_source_cap: None,
         seed: 0,
+        stratify: false,
     };
     let (pool, _) = dsel_ingest::load_pool("tiny", &data_root, &opts)?;
     let target = TargetSpec::parse(&task)?;

@@ -535,6 +535,7 @@ mod tests {
             limit: None,
             per_source_cap: None,
             seed: 0,
+            stratify: false,
         };
         let pool = p
             .ingest_pool(&mixture.display().to_string(), &opts)
@@ -674,6 +675,7 @@ mod tests {
             limit: None,
             per_source_cap: None,
             seed: 0,
+            stratify: false,
         };
         let pool = p.ingest_pool("tiny", &opts).unwrap();
         let pool_tok = p.tokenize(&pool, 256, Default::default(), "pool").unwrap();

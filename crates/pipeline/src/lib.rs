@@ -336,13 +336,14 @@ impl Pipeline {
         let canonical = canonical_file_arg(mixture);
         let mixture = canonical.as_str();
         let fingerprint = dsel_ingest::mixture_fingerprint(mixture, &self.data_root)?;
-        let spec = StageSpec::new(
-            dsel_ingest::STAGE,
-            dsel_ingest::STAGE_VERSION,
-            json!({"kind": "pool", "mixture": mixture, "fingerprint": fingerprint,
-                   "limit": opts.limit, "per_source_cap": opts.per_source_cap}),
-        )
-        .with_seed(opts.seed);
+        let mut config = json!({"kind": "pool", "mixture": mixture, "fingerprint": fingerprint,
+                   "limit": opts.limit, "per_source_cap": opts.per_source_cap});
+        // Only a stratified draw names itself: uniform draws keep their keys.
+        if opts.stratify && opts.limit.is_some() {
+            config["stratify"] = json!(true);
+        }
+        let spec = StageSpec::new(dsel_ingest::STAGE, dsel_ingest::STAGE_VERSION, config)
+            .with_seed(opts.seed);
         let root = self.data_root.clone();
         self.ingest(&spec, &format!("pool {mixture}"), || {
             Ok(dsel_ingest::load_pool(mixture, &root, opts)?)

@@ -12,7 +12,7 @@ use dsel_select::{Budget, RunSummary, Transform};
 use dsel_sweep::SweepConfig;
 use dsel_valtune::ValtuneConfig;
 
-use dsel_testkit::data_root;
+use dsel_testkit::{data_root, selected_ids};
 
 fn fixture(name: &str) -> PathBuf {
     dsel_testkit::fixtures("pipeline").join(name)
@@ -48,6 +48,7 @@ fn request(dir: &Path, task: &Path, method: Method, rounds: usize, out: &str) ->
             limit: None,
             per_source_cap: None,
             seed: 0,
+            stratify: false,
         },
         budget: Budget::Count(3),
         values,
@@ -75,19 +76,6 @@ fn request(dir: &Path, task: &Path, method: Method, rounds: usize, out: &str) ->
 fn run(cache: &Path, req: &SelectRequest) -> RunSummary {
     let mut p = Pipeline::new(cache, &data_root()).unwrap();
     methods::select(&mut p, req).unwrap()
-}
-
-fn selected_ids(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string(dir.join("selection.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect()
 }
 
 #[test]
@@ -346,6 +334,7 @@ fn keep_completion_truncation_keeps_long_prompt_examples_and_has_its_own_key() {
                 limit: None,
                 per_source_cap: None,
                 seed: 0,
+                stratify: false,
             },
         )
         .unwrap();

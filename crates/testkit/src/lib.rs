@@ -191,3 +191,17 @@ pub fn expected_target_fingerprint(root: &Path, names: &[&str]) -> String {
     }
     h.finalize().to_hex().to_string()
 }
+
+/// The ids of a run folder's `selection.jsonl`, best first.
+pub fn selected_ids(run_dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(run_dir.join("selection.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
