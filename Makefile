@@ -63,12 +63,12 @@ compare: setup
 ## quality: held-out source recall of every method (runs/quality/): make quality [TASKS=ecqa,creak] [QUALITY_SEEDS=3] [QUALITY_METHODS=…] [QUALITY_POOL=600] [QUICK=1]
 ## QUICK=1 is the variant the test suite runs (stories260K, one task, a 120-example pool).
 TASKS ?= ecqa,creak,strategyqa,qasc
-QUALITY_METHODS ?= random,tov,tov+control,tov-b,less,bm25,dsir,rds,max-uncertainty
+QUALITY_METHODS ?= random,tov,tov+control,tov+control+top,tov-b,less,bm25,dsir,rds,max-uncertainty
 QUALITY_POOL ?= 600
 QUALITY_SEEDS ?= 3
 quality: setup
 ifdef QUICK
-	$(BIN) quality --tasks creak --methods random,bm25,tov,tov+control --seeds 1 --n-target 8 --pool-limit 120 \
+	$(BIN) quality --tasks creak --methods random,bm25,tov,tov+control --seeds 1 --n-target 8 --n-test 8 --pool-limit 120 \
 	  --out runs/quality-quick -- --model $(DATA_ROOT)/models/stories260K/hf --budget 12 --u-size 24
 else
 	$(BIN) quality --tasks $(TASKS) --methods $(QUALITY_METHODS) --seeds $(QUALITY_SEEDS) \

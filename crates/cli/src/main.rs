@@ -128,6 +128,20 @@ struct PoolArgs {
     /// Keep at most this many examples per source.
     #[arg(long)]
     per_source_cap: Option<usize>,
+    /// How `--pool-limit` examples are drawn: `stratified` keeps every
+    /// source's share of the pool (largest remainder), `uniform` draws
+    /// without regard to source.
+    #[arg(long, value_enum, default_value_t = PoolSample::Stratified)]
+    pool_sample: PoolSample,
+}
+
+/// How a pool limit is drawn ([`dsel_ingest::SubsetOptions::stratify`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum PoolSample {
+    /// Every source keeps its share of the pool.
+    Stratified,
+    /// A uniform draw.
+    Uniform,
 }
 
 #[derive(Args, Debug)]
@@ -274,7 +288,7 @@ fn pool_limit_help() -> String {
             .map_or_else(|| "the whole pool".to_string(), |n| n.to_string())
     };
     format!(
-        "Keep this many pool examples (a seeded sample); 0 = the whole pool. Default: select, \
+        "Keep this many pool examples (a seeded sample, stratified by source unless `--pool-sample uniform`); 0 = the whole pool. Default: select, \
          merge, compare and train-online take the preset's ({} with cpu, {} with paper); \
          ingest, tokenize and sweep keep the whole pool",
         show(Preset::Cpu),
@@ -417,11 +431,11 @@ struct QualityArgs {
         default_value = "ecqa,creak,strategyqa,qasc"
     )]
     tasks: Vec<String>,
-    /// Comma-separated methods; `tov+control` is ToV with the control-corrected score.
+    /// Comma-separated methods; `+control` after tov or tov-b scores by the control-corrected Δ − Δ_ctl, `+top` selects the top scores over all candidates (`--rule score-only --bins 1`), e.g. `tov+control+top`.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "random,tov,tov+control,tov-b,less,bm25,dsir,rds,max-uncertainty"
+        default_value = "random,tov,tov+control,tov+control+top,tov-b,less,bm25,dsir,rds,max-uncertainty"
     )]
     methods: Vec<dsel_pipeline::quality::QualityMethod>,
     /// Seeds 1..=N (pool sample, U, LoRA init, data order, random picks).
@@ -433,6 +447,11 @@ struct QualityArgs {
     /// Pool examples sampled from the mixture per seed.
     #[arg(long, default_value_t = 600)]
     pool_limit: usize,
+    /// Further held-out rows of the task (in neither target nor pool) on
+    /// which each selection is evaluated after LoRA-training on it (the
+    /// preset's fine-tune); 0 skips the downstream step.
+    #[arg(long, default_value_t = 64)]
+    n_test: usize,
     /// Output folder.
     #[arg(long, default_value = "runs/quality")]
     out: PathBuf,
@@ -554,6 +573,7 @@ fn subset(pool: &PoolArgs, default_limit: Option<usize>, seed: u64) -> SubsetOpt
         limit,
         per_source_cap: pool.per_source_cap,
         seed,
+        stratify: pool.pool_sample == PoolSample::Stratified,
     }
 }
 
@@ -862,6 +882,7 @@ fn run() -> Result<()> {
                 seeds: a.seeds,
                 n_target: a.n_target,
                 pool_limit: a.pool_limit,
+                n_test: a.n_test,
             };
             let mut p = g.pipeline()?;
             dsel_pipeline::quality::run(&mut p, &base, &opts, &a.out)?;
@@ -1193,7 +1214,8 @@ mod tests {
             "score-only",
             "96 (cpu preset), 4096 (paper preset)",
             "5% (cpu preset), 8192 (paper preset)",
-            "500 with cpu, the whole pool with paper",
+            "800 with cpu, the whole pool with paper",
+            "stratified by source",
         ] {
             assert!(help.contains(needle), "{needle} missing from:\n{help}");
         }

@@ -13,7 +13,14 @@
 //! * **percentile**: the mean percentile rank of the task's pool examples
 //!   under the method's raw scores (0 = ranked first, 0.5 = random), which
 //!   does not depend on the selection rule (binning, Score+Random);
-//! * **cost**: wall seconds of the selection run (cold on a fresh cache).
+//! * **downstream** (when `n_test` > 0): a further `n_test` rows of the task,
+//!   in neither target nor pool, are its test set; each selection is
+//!   LoRA-trained on (the preset's fine-tune, the run's seed) and its test
+//!   loss compared with random's (paired by seed) and with the base model's;
+//! * **cost**: the recorded build wall and CPU seconds and bytes of every
+//!   artifact the selection used (its cost from a clean cache), the part of
+//!   it that depends on the target (what a second target pays on a warm
+//!   cache) and the run's peak resident memory.
 //!
 //! The derived target and pool files are written under the output folder at
 //! run time from the shared data; nothing derived is committed.
@@ -27,6 +34,7 @@ use dsel_select::ScoreRow;
 use serde::{Deserialize, Serialize};
 
 use crate::compare::mean_std;
+use crate::evaluate::{self, TrainOnSelection};
 use crate::methods::{self, Method, SelectRequest};
 use crate::Pipeline;
 
@@ -39,24 +47,43 @@ pub struct QualityMethod {
     pub method: Method,
     /// ToV's control-corrected score.
     pub control: bool,
+    /// ToV's selection as the top scores over all candidates
+    /// (`--rule score-only --bins 1`, the cpu preset's) instead of
+    /// ALGORITHMS.md's Score+Random over 10 completion-length bins (a ToV
+    /// row without `+top`, whatever the preset).
+    #[serde(default)]
+    pub top: bool,
 }
 
 impl std::str::FromStr for QualityMethod {
     type Err = String;
-    /// A method name, optionally with `+control` (ToV only).
+    /// A method name, optionally followed by `+control` (the
+    /// control-corrected score) and/or `+top` (score-only over one bin);
+    /// both apply to tov and tov-b only.
     fn from_str(s: &str) -> Result<Self, String> {
-        let (base, control) = match s.strip_suffix("+control") {
-            Some(b) => (b, true),
-            None => (s, false),
-        };
-        let method: Method = base.parse()?;
-        if control && !method.implementation().takes_control() {
-            return Err(format!("{s}: +control applies to tov and tov-b only"));
+        let mut parts = s.split('+');
+        let method: Method = parts.next().unwrap_or_default().parse()?;
+        let (mut control, mut top) = (false, false);
+        for m in parts {
+            let flag = match m {
+                "control" => &mut control,
+                "top" => &mut top,
+                _ => return Err(format!("{s}: unknown modifier `+{m}` (control, top)")),
+            };
+            if std::mem::replace(flag, true) {
+                return Err(format!("{s}: `+{m}` given twice"));
+            }
+        }
+        if (control || top) && !method.implementation().takes_control() {
+            return Err(format!(
+                "{s}: +control and +top apply to tov and tov-b only"
+            ));
         }
         Ok(QualityMethod {
             name: s.to_string(),
             method,
             control,
+            top,
         })
     }
 }
@@ -74,6 +101,9 @@ pub struct QualityOptions {
     pub n_target: usize,
     /// Pool examples sampled from the mixture.
     pub pool_limit: usize,
+    /// Further held-out rows of the task used as the downstream test set
+    /// (0: no downstream fine-tune and evaluation).
+    pub n_test: usize,
 }
 
 /// One (task, method, seed) measurement.
@@ -104,9 +134,36 @@ pub struct QualityRun {
     pub variants: Vec<(String, f64)>,
     /// ToV only: the lift over random of the same-size selection under other
     /// selection rules applied to the raw and control-corrected scores
-    /// ([`rule_variants`]), by name.
+    /// ([`TovVariants::rules`]), by name.
     #[serde(default)]
     pub rule_lifts: Vec<(String, f64)>,
+    /// Test loss on the task's test rows after LoRA-training on the
+    /// selection (None without downstream).
+    #[serde(default)]
+    pub test_loss: Option<f64>,
+    /// Test loss of the model without fine-tuning (the same for every run
+    /// of a task).
+    #[serde(default)]
+    pub no_finetune_loss: Option<f64>,
+    /// Recorded build wall seconds of every artifact the selection used:
+    /// its cost from a clean cache.
+    #[serde(default)]
+    pub cold_seconds: f64,
+    /// The part of `cold_seconds` spent on artifacts that depend on the
+    /// target: a second target's cost when the rest is cached.
+    #[serde(default)]
+    pub target_seconds: f64,
+    /// Recorded build CPU seconds (all threads) of the same artifacts.
+    #[serde(default)]
+    pub cpu_seconds: f64,
+    /// Bytes of the same artifacts.
+    #[serde(default)]
+    pub artifact_bytes: u64,
+    /// Peak resident memory during the selection, MiB (the process's
+    /// high-water mark, reset before the run where Linux allows; it
+    /// includes memory the allocator kept from earlier runs).
+    #[serde(default)]
+    pub peak_mib: f64,
 }
 
 impl QualityRun {
@@ -159,14 +216,29 @@ pub fn mean_percentile(rows: &[ScoreRow], source: &str) -> Option<f64> {
     (count > 0).then(|| sum / count as f64)
 }
 
-/// Writes the held-out target and the pool mixture for `task` under `dir`;
-/// returns (target file, mixture file, the task's source name).
+/// The files one held-out task is benchmarked with ([`prepare_task`]).
+#[derive(Debug, Clone)]
+pub struct TaskFiles {
+    /// The target: the task's first `n_target` rows.
+    pub target: PathBuf,
+    /// The downstream test set: the next `n_test` rows (None when 0).
+    pub test: Option<PathBuf>,
+    /// The pool mixture (`pool.toml`) with the task's remaining rows.
+    pub mixture: PathBuf,
+    /// The task's source name in the pool (`flan_v2_cot/<task>`).
+    pub source: String,
+}
+
+/// Writes the held-out target, the test rows and the pool mixture for
+/// `task` under `dir`: rows `[0, n_target)` are the target, the next
+/// `n_test` the test set, the rest go to the pool.
 pub fn prepare_task(
     data_root: &Path,
     task: &str,
     n_target: usize,
+    n_test: usize,
     dir: &Path,
-) -> Result<(PathBuf, PathBuf, String)> {
+) -> Result<TaskFiles> {
     // Mixture entries are resolved under the data root: write absolute paths.
     let data_root = &std::fs::canonicalize(data_root)
         .with_context(|| format!("data root {}", data_root.display()))?;
@@ -175,9 +247,10 @@ pub fn prepare_task(
     let text =
         std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let held = n_target + n_test;
     anyhow::ensure!(
-        lines.len() > n_target,
-        "{}: {} rows, fewer than the {n_target} held out plus one",
+        lines.len() > held,
+        "{}: {} rows, fewer than the {n_target} target and {n_test} test rows held out plus one",
         file.display(),
         lines.len()
     );
@@ -185,10 +258,16 @@ pub fn prepare_task(
     // The mixture names the derived file by absolute path: a relative `--out`
     // would otherwise be resolved under the data root.
     let dir = &std::fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
-    let target = dir.join(format!("{task}_heldout.tsv"));
-    dsel_store::atomic_write(&target, (lines[..n_target].join("\n") + "\n").into_bytes())?;
-    let rest = dir.join(format!("{task}_train.tsv"));
-    dsel_store::atomic_write(&rest, (lines[n_target..].join("\n") + "\n").into_bytes())?;
+    let write_rows = |name: String, rows: &[&str]| -> Result<PathBuf> {
+        let path = dir.join(name);
+        dsel_store::atomic_write(&path, (rows.join("\n") + "\n").into_bytes())?;
+        Ok(path)
+    };
+    let target = write_rows(format!("{task}_heldout.tsv"), &lines[..n_target])?;
+    let test = (n_test > 0)
+        .then(|| write_rows(format!("{task}_test.tsv"), &lines[n_target..held]))
+        .transpose()?;
+    let rest = write_rows(format!("{task}_train.tsv"), &lines[held..])?;
     let source = format!("flan_v2_cot/{task}");
     let mut toml =
         format!("description = \"quality benchmark: default mixture with {task} held out\"\n");
@@ -230,12 +309,19 @@ pub fn prepare_task(
     );
     let mixture = dir.join("pool.toml");
     dsel_store::atomic_write(&mixture, toml.into_bytes())?;
-    Ok((target, mixture, source))
+    Ok(TaskFiles {
+        target,
+        test,
+        mixture,
+        source,
+    })
 }
 
 /// Runs the benchmark: every (task, seed, method) selection through `p`,
-/// `base` giving the model, preset values, budget and every other option.
-/// Writes `table.md`, `table.csv`, `runs.json` and `report.html` into `out`.
+/// `base` giving the model, preset values, budget and every other option;
+/// with `n_test` > 0 each selection is also trained on and evaluated
+/// (the preset's fine-tune and evaluation). Writes `table.md`,
+/// `table.csv`, `runs.json`, `diagnosis.md` and `report.html` into `out`.
 pub fn run(
     p: &mut Pipeline,
     base: &SelectRequest,
@@ -247,25 +333,56 @@ pub fn run(
         !opts.tasks.is_empty(),
         "--tasks must name at least one task"
     );
+    // Selections are trained on with the pool's truncation (as `compare`).
+    let train = TrainOnSelection {
+        truncation: base.truncation,
+        ..base.preset.train()
+    };
+    let eval = base.preset.eval();
     let mut runs = Vec::new();
     for task in &opts.tasks {
-        let (target, mixture, source) = prepare_task(
+        let files = prepare_task(
             &p.data_root,
             task,
             opts.n_target,
+            opts.n_test,
             &out.join("data").join(task),
         )?;
+        let source = &files.source;
+        let no_finetune_loss = match &files.test {
+            Some(test) => {
+                p.load_model(&base.model)?;
+                let ev = evaluate::evaluate(p, &test.display().to_string(), None, None, &eval)?;
+                tracing::info!(
+                    "quality: {task}: test loss without fine-tuning {:.4}",
+                    ev.test_loss
+                );
+                Some(ev.test_loss)
+            }
+            None => None,
+        };
         for seed in 1..=opts.seeds {
             for m in &opts.methods {
                 let mut req = base.clone();
-                req.task = target.display().to_string();
+                req.task = files.target.display().to_string();
                 req.method = m.method;
-                req.control = m.control;
-                req.pool = mixture.display().to_string();
+                if m.method.implementation().takes_control() {
+                    // A ToV row names its score and rule: plain = ALGORITHMS.md's
+                    // (Score+Random over its length bins), whatever the preset.
+                    let paper = crate::preset::TovDefaults::paper();
+                    req.control = m.control;
+                    (req.rule, req.n_bins) = if m.top {
+                        (methods::SelectionRule::ScoreOnly, 1)
+                    } else {
+                        (paper.rule, paper.n_bins)
+                    };
+                }
+                req.pool = files.mixture.display().to_string();
                 req.subset = SubsetOptions {
                     limit: Some(opts.pool_limit),
                     per_source_cap: None,
                     seed,
+                    stratify: false,
                 };
                 req.seed = seed;
                 req.values.lora.seed = seed;
@@ -273,30 +390,59 @@ pub fn run(
                     .join("runs")
                     .join(format!("{task}-{}-seed{seed}", m.name));
                 p.records.clear();
+                dsel_store::reset_peak_rss();
                 tracing::info!("quality: {task}, {}, seed {seed}", m.name);
                 let o = methods::select_with_details(p, &req)
                     .with_context(|| format!("quality: {task} {} seed {seed}", m.name))?;
+                let peak_mib = dsel_store::process_peak_rss_mib();
+                let cost = selection_cost(p, &o.summary.stages)?;
+                let test_loss = match &files.test {
+                    Some(test) => {
+                        let adapter = evaluate::train_on_selection(
+                            p,
+                            &req.out_dir.join("selection.jsonl"),
+                            &train,
+                            seed,
+                        )?;
+                        let ev = evaluate::evaluate(
+                            p,
+                            &test.display().to_string(),
+                            Some(&adapter),
+                            Some(&train.lora),
+                            &eval,
+                        )?;
+                        Some(ev.test_loss)
+                    }
+                    None => None,
+                };
                 let run = QualityRun {
                     task: task.clone(),
                     method: m.name.clone(),
                     seed,
                     pool_size: o.summary.pool_size,
-                    pool_matching: o.summary.pool_by_source.get(&source).copied().unwrap_or(0),
+                    pool_matching: o.summary.pool_by_source.get(source).copied().unwrap_or(0),
                     selected: o.summary.selected,
                     selected_matching: o
                         .summary
                         .selected_by_source
-                        .get(&source)
+                        .get(source)
                         .copied()
                         .unwrap_or(0),
-                    percentile: mean_percentile(&o.rows, &source),
+                    percentile: mean_percentile(&o.rows, source),
                     wall_seconds: o.summary.wall_seconds,
                     variants: Vec::new(),
                     rule_lifts: Vec::new(),
+                    test_loss,
+                    no_finetune_loss,
+                    cold_seconds: cost.cold_seconds,
+                    target_seconds: cost.target_seconds,
+                    cpu_seconds: cost.cpu_seconds,
+                    artifact_bytes: cost.bytes,
+                    peak_mib,
                 };
                 let run = if m.method.implementation().takes_control() {
-                    let v = tov_variants(p, &o.summary.stages, &o.rows, &source)?;
-                    let rules = v.rules(&o.rows, &req, run.selected, &source);
+                    let v = tov_variants(p, &o.summary.stages, &o.rows, source)?;
+                    let rules = v.rules(&o.rows, &req, run.selected, source);
                     let pool_share = run.pool_share().max(1e-12);
                     QualityRun {
                         variants: v.percentiles,
@@ -310,19 +456,66 @@ pub fn run(
                     run
                 };
                 tracing::info!(
-                    "quality: {task} {} seed {seed}: share {:.3} (pool {:.3}, lift {:.2}), percentile {}",
+                    "quality: {task} {} seed {seed}: share {:.3} (pool {:.3}, lift {:.2}), percentile {}, test loss {}",
                     m.name,
                     run.share(),
                     run.pool_share(),
                     run.lift(),
-                    run.percentile.map_or("—".into(), |x| format!("{x:.3}"))
+                    run.percentile.map_or("—".into(), |x| format!("{x:.3}")),
+                    run.test_loss.map_or("—".into(), |x| format!("{x:.4}"))
                 );
                 runs.push(run);
+                // Rewritten after every run: an interrupted benchmark keeps
+                // what it finished (and a re-run takes it from the cache).
+                write_outputs(&runs, opts, base, out)?;
             }
         }
     }
-    write_outputs(&runs, opts, base, out)?;
     Ok(runs)
+}
+
+/// What a selection's artifacts cost when they were built.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SelectionCost {
+    /// Recorded build wall seconds of every distinct artifact.
+    pub cold_seconds: f64,
+    /// The part of `cold_seconds` whose artifacts depend on the target.
+    pub target_seconds: f64,
+    /// Recorded build CPU seconds of every distinct artifact.
+    pub cpu_seconds: f64,
+    /// Bytes of every distinct artifact.
+    pub bytes: u64,
+}
+
+/// The recorded cost of the artifacts behind `stages` (each counted once):
+/// an artifact depends on the target when it is the target's ingest or one
+/// of its inputs does (stages are recorded after their inputs).
+pub fn selection_cost(p: &Pipeline, stages: &[dsel_select::StageRecord]) -> Result<SelectionCost> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut target_dependent = std::collections::BTreeSet::new();
+    let mut cost = SelectionCost::default();
+    for r in stages {
+        if !seen.insert(r.key.as_str()) {
+            continue;
+        }
+        let a = p
+            .store
+            .open_artifact(&r.key)
+            .with_context(|| format!("opening the {} artifact {}", r.stage, r.key))?;
+        let m = a.manifest();
+        let depends = (r.stage == dsel_ingest::STAGE && r.label.starts_with("target"))
+            || m.inputs
+                .iter()
+                .any(|k| target_dependent.contains(k.as_str()));
+        if depends {
+            target_dependent.insert(r.key.as_str());
+            cost.target_seconds += m.build_seconds;
+        }
+        cost.cold_seconds += m.build_seconds;
+        cost.cpu_seconds += m.build_cpu_seconds;
+        cost.bytes += m.total_bytes();
+    }
+    Ok(cost)
 }
 
 /// ToV diagnosis from the stage outputs of a finished round-1 run: the mean
@@ -523,8 +716,34 @@ pub struct QualityCell {
     pub percentile: Option<(f64, f64)>,
     /// Mean wall seconds.
     pub wall: f64,
+    /// Downstream test loss mean and std over seeds (None without it).
+    pub loss: Option<(f64, f64)>,
+    /// Test loss minus random's of the same task and seed, mean and std
+    /// over the pairs (None without downstream or without a random row).
+    pub gap: Option<(f64, f64)>,
+    /// Mean test loss without fine-tuning.
+    pub no_finetune: Option<f64>,
+    /// Mean recorded cost from a clean cache ([`QualityRun::cold_seconds`]).
+    pub cold: f64,
+    /// Mean target-dependent part of it ([`QualityRun::target_seconds`]).
+    pub target: f64,
+    /// Mean recorded CPU seconds.
+    pub cpu: f64,
+    /// Mean artifact bytes.
+    pub bytes: f64,
+    /// Largest peak resident memory, MiB.
+    pub peak_mib: f64,
     /// Runs aggregated.
     pub n: usize,
+}
+
+impl QualityCell {
+    /// The gap to random in units of its own spread over seeds (None
+    /// without a gap or with a zero spread).
+    pub fn gap_in_stds(&self) -> Option<f64> {
+        self.gap
+            .and_then(|(m, sd)| (sd > 0.0 && sd.is_finite()).then(|| m / sd))
+    }
 }
 
 /// Aggregates runs per (task, method) in first-seen order, then per method over all tasks.
@@ -543,6 +762,20 @@ pub fn aggregate(runs: &[QualityRun]) -> Vec<QualityCell> {
         }
     }
     let cell = |task: &str, method: &str, group: Vec<&QualityRun>| {
+        let mean = |f: &dyn Fn(&QualityRun) -> f64| {
+            group.iter().map(|r| f(r)).sum::<f64>() / group.len() as f64
+        };
+        let losses: Vec<f64> = group.iter().filter_map(|r| r.test_loss).collect();
+        let gaps: Vec<f64> = group
+            .iter()
+            .filter_map(|r| {
+                let random = runs
+                    .iter()
+                    .find(|q| q.method == "random" && q.task == r.task && q.seed == r.seed)?;
+                Some(r.test_loss? - random.test_loss?)
+            })
+            .collect();
+        let no_ft: Vec<f64> = group.iter().filter_map(|r| r.no_finetune_loss).collect();
         let share: Vec<f64> = group.iter().map(|r| r.share()).collect();
         let lift: Vec<f64> = group.iter().map(|r| r.lift()).collect();
         let pct: Vec<f64> = group.iter().filter_map(|r| r.percentile).collect();
@@ -553,7 +786,15 @@ pub fn aggregate(runs: &[QualityRun]) -> Vec<QualityCell> {
             pool_share: group.iter().map(|r| r.pool_share()).sum::<f64>() / group.len() as f64,
             lift: mean_std(&lift),
             percentile: (!pct.is_empty()).then(|| mean_std(&pct)),
-            wall: group.iter().map(|r| r.wall_seconds).sum::<f64>() / group.len() as f64,
+            wall: mean(&|r| r.wall_seconds),
+            loss: (!losses.is_empty()).then(|| mean_std(&losses)),
+            gap: (!gaps.is_empty()).then(|| mean_std(&gaps)),
+            no_finetune: (!no_ft.is_empty()).then(|| mean_std(&no_ft).0),
+            cold: mean(&|r| r.cold_seconds),
+            target: mean(&|r| r.target_seconds),
+            cpu: mean(&|r| r.cpu_seconds),
+            bytes: mean(&|r| r.artifact_bytes as f64),
+            peak_mib: group.iter().map(|r| r.peak_mib).fold(0.0, f64::max),
             n: group.len(),
         }
     };
@@ -616,6 +857,72 @@ fn write_outputs(
             c.wall
         );
     }
+    if cells.iter().any(|c| c.loss.is_some()) {
+        let _ = write!(
+            md,
+            "\nDownstream: LoRA trained on each selection (the preset's fine-tune, the run's seed), \
+             test loss on {} further held-out rows of the task (in neither target nor pool); gap = \
+             loss − random's loss of the same task and seed (negative = better than random), mean ± std \
+             over seeds; gap/σ = the gap's mean over its std; \"beats random\" when the gap is below \
+             zero by more than its std (\"one seed\": no spread to compare with).\n\n\
+             | task | method | test loss | no fine-tune | gap to random | gap/σ | beats random |\n|---|---|---|---|---|---|---|\n",
+            opts.n_test
+        );
+        for c in cells.iter().filter(|c| c.loss.is_some()) {
+            let verdict = match c.gap {
+                _ if c.method == "random" => "—",
+                _ if c.n < 2 => "one seed",
+                Some((m, sd)) if m < -sd => "yes",
+                Some((m, sd)) if m > sd => "no (worse)",
+                Some(_) => "within spread",
+                None => "—",
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {verdict} |",
+                c.task,
+                c.method,
+                c.loss.map_or("—".into(), |l| pm(l, 4)),
+                c.no_finetune.map_or("—".into(), |l| format!("{l:.4}")),
+                if c.method == "random" {
+                    "—".into()
+                } else {
+                    c.gap.map_or("—".into(), |g| pm(g, 4))
+                },
+                if c.method == "random" {
+                    "—".into()
+                } else {
+                    c.gap_in_stds().map_or("—".into(), |z| format!("{z:+.2}"))
+                },
+            );
+        }
+    }
+    let _ = write!(
+        md,
+        "\nCost of each selection (mean over seeds): cold = recorded build seconds of every artifact \
+         it used (from a clean cache); warm = the part that depends on the target (a second target's \
+         cost when the rest is cached); CPU = recorded build CPU seconds, all threads; peak = the largest \
+         resident-memory high-water mark of its runs; MB = its artifacts' bytes.\n\n\
+         | method | cold s | warm s | CPU s | peak MiB | MB | lift | gap to random |\n|---|---|---|---|---|---|---|---|\n"
+    );
+    for c in cells.iter().filter(|c| c.task == "all") {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {} | {} |",
+            c.method,
+            c.cold,
+            c.target,
+            c.cpu,
+            c.peak_mib,
+            c.bytes / 1e6,
+            pm(c.lift, 2),
+            if c.method == "random" {
+                "—".into()
+            } else {
+                c.gap.map_or("—".into(), |g| pm(g, 4))
+            },
+        );
+    }
     dsel_store::atomic_write(out.join("table.md"), md.into_bytes())?;
     let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record([
@@ -630,6 +937,13 @@ fn write_outputs(
         "lift",
         "percentile",
         "wall_seconds",
+        "test_loss",
+        "no_finetune_loss",
+        "cold_seconds",
+        "target_seconds",
+        "cpu_seconds",
+        "artifact_bytes",
+        "peak_mib",
     ])?;
     for r in runs {
         w.write_record([
@@ -644,6 +958,14 @@ fn write_outputs(
             format!("{:.6}", r.lift()),
             r.percentile.map_or(String::new(), |p| format!("{p:.6}")),
             format!("{:.3}", r.wall_seconds),
+            r.test_loss.map_or(String::new(), |l| format!("{l:.6}")),
+            r.no_finetune_loss
+                .map_or(String::new(), |l| format!("{l:.6}")),
+            format!("{:.3}", r.cold_seconds),
+            format!("{:.3}", r.target_seconds),
+            format!("{:.3}", r.cpu_seconds),
+            r.artifact_bytes.to_string(),
+            format!("{:.1}", r.peak_mib),
         ])?;
     }
     dsel_store::atomic_write(out.join("table.csv"), w.into_inner()?)?;
@@ -750,16 +1072,44 @@ fn report_html(cells: &[QualityCell]) -> String {
                     })
                 })
                 .collect();
+            let gap: Vec<Interval> = of_task
+                .iter()
+                .filter(|c| c.method != "random")
+                .filter_map(|c| {
+                    c.gap.map(|g| Interval {
+                        label: &c.method,
+                        mean: g.0,
+                        std: g.1,
+                    })
+                })
+                .collect();
             minijinja::context! {
                 task => t.to_string(),
                 lift => interval_plot(&lift, Some(1.0), 2),
                 percentile => (!pct.is_empty()).then(|| interval_plot(&pct, Some(0.5), 3)),
+                gap => (!gap.is_empty()).then(|| interval_plot(&gap, Some(0.0), 4)),
+            }
+        })
+        .collect();
+    let cost: Vec<_> = cells
+        .iter()
+        .filter(|c| c.task == "all")
+        .map(|c| {
+            minijinja::context! {
+                method => c.method.clone(),
+                cold => format!("{:.0}", c.cold),
+                warm => format!("{:.0}", c.target),
+                cpu => format!("{:.0}", c.cpu),
+                peak => format!("{:.0}", c.peak_mib),
+                mb => format!("{:.1}", c.bytes / 1e6),
+                lift => pm(c.lift, 2),
+                gap => if c.method == "random" { "—".to_string() } else { c.gap.map_or("—".into(), |g| pm(g, 4)) },
             }
         })
         .collect();
     crate::compare::templates()
         .get_template("quality.html")
-        .and_then(|t| t.render(minijinja::context! { tasks => charts }))
+        .and_then(|t| t.render(minijinja::context! { tasks => charts, cost => cost }))
         .unwrap_or_else(|e| panic!("rendering quality.html: {e:#}"))
 }
 
@@ -800,5 +1150,12 @@ mod tests {
         assert!(m.control && m.method == Method::Tov);
         assert!("bm25+control".parse::<QualityMethod>().is_err());
         assert!(!"less".parse::<QualityMethod>().unwrap().control);
+        let m: QualityMethod = "tov-b+control+top".parse().unwrap();
+        assert!(m.control && m.top && m.method == Method::TovB);
+        let m: QualityMethod = "tov+top".parse().unwrap();
+        assert!(!m.control && m.top);
+        for bad in ["bm25+top", "tov+top+top", "tov+bins"] {
+            assert!(bad.parse::<QualityMethod>().is_err(), "{bad}");
+        }
     }
 }

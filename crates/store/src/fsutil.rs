@@ -293,6 +293,15 @@ pub fn process_cpu_seconds() -> f64 {
     0.0
 }
 
+/// Resets this process's peak resident memory (`VmHWM`) to its current
+/// resident size (Linux ≥ 4.0: `5` written to `/proc/self/clear_refs`), so
+/// [`process_peak_rss_mib`] then measures the peak from here on; false
+/// where the platform does not allow it (the peak then stays a running
+/// maximum).
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", b"5").is_ok()
+}
+
 /// Peak resident memory of this process (`VmHWM` of `/proc/self/status`),
 /// in MiB; NaN where the platform does not report it.
 pub fn process_peak_rss_mib() -> f64 {

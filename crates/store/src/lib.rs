@@ -41,8 +41,8 @@ mod store;
 mod table;
 
 pub use fsutil::{
-    atomic_write, atomic_write_with, process_cpu_seconds, process_peak_rss_mib, rfc3339_utc,
-    temp_file_target,
+    atomic_write, atomic_write_with, process_cpu_seconds, process_peak_rss_mib, reset_peak_rss,
+    rfc3339_utc, temp_file_target,
 };
 pub use key::{canonical_json, validate_stage_name, ArtifactKey, StageSpec};
 pub use manifest::{hash_file, FileEntry, Manifest, MANIFEST_FILE, MANIFEST_FORMAT};
