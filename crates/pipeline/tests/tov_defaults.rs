@@ -1,10 +1,12 @@
 //! ToV end to end with the shipped defaults (cpu preset: LR ratio 0.1, one
-//! epoch, Score+Random, 10 completion-length bins, |U| = 96) on the real tiny
+//! epoch, the control-corrected score, the top scores over all candidates,
+//! |U| = 96) on the real tiny
 //! model stories260K, a 150-example sample of the real `tiny` pool and real
 //! FLAN-CoT (ecqa) rows as the target: a 5-example target (one validation
 //! micro-batch, which used to be trained at rate 0) and a 300-example one.
-//! Each candidate's score is recomputed independently from the base and
-//! validation adapters with a direct forward pass.
+//! Each candidate's score is recomputed independently from the base,
+//! validation and control adapters with a direct forward pass, and the
+//! selection is checked to be the top scores.
 
 use std::path::{Path, PathBuf};
 
@@ -44,6 +46,7 @@ fn shipped_request(task: &Path, out: PathBuf) -> SelectRequest {
             limit: Some(150),
             per_source_cap: None,
             seed: 0,
+            stratify: false,
         },
         budget: values.budget,
         values,
@@ -73,11 +76,13 @@ fn artifact_dir(cache: &Path, s: &RunSummary, stage: &str, label_prefix: &str) -
     cache.join(stage).join(&r.key)
 }
 
-/// φ(x) = mean over x's label tokens of log p_val − log p_bas, from a direct forward.
+/// φ(x) = mean over x's label tokens of log p_val − log p_bas, minus the
+/// same mean of log p_ctl − log p_bas, from direct forwards.
 fn direct_score(
     model: &mut Model,
     bas: &Path,
     val: &Path,
+    ctl: &Path,
     lora: &dsel_model::LoraConfig,
     ids: &[u32],
     mask: &[u8],
@@ -93,15 +98,16 @@ fn direct_score(
             .unwrap()
             .remove(0)
     };
-    let (lb, lv) = (logp(bas), logp(val));
-    let (mut sum, mut n) = (0.0f64, 0usize);
+    let (lb, lv, lc) = (logp(bas), logp(val), logp(ctl));
+    let (mut sum, mut sum_ctl, mut n) = (0.0f64, 0.0f64, 0usize);
     for t in 1..ids.len() {
         if mask[t] == 1 {
             sum += lv[t] as f64 - lb[t] as f64;
+            sum_ctl += lc[t] as f64 - lb[t] as f64;
             n += 1;
         }
     }
-    sum / n as f64
+    (sum - sum_ctl) / n as f64
 }
 
 fn run_and_check(n_target: usize) {
@@ -112,7 +118,13 @@ fn run_and_check(n_target: usize) {
     let mut p = Pipeline::new(&cache, &data_root()).unwrap();
     let s = methods::select(&mut p, &req).unwrap();
 
-    // The budget is met: 5% of the pool, half binned top scores, half from U.
+    // The shipped defaults are the control-corrected score, top scores.
+    assert!(req.control);
+    assert_eq!(
+        (req.rule, req.n_bins),
+        (methods::SelectionRule::ScoreOnly, 1)
+    );
+    // The budget is met: 5% of the pool.
     assert_eq!(s.requested, (0.05 * s.pool_size as f64).round() as usize);
     assert_eq!(s.selected, s.requested);
     assert_eq!(s.budget, "5%");
@@ -142,6 +154,7 @@ fn run_and_check(n_target: usize) {
     let pool = TokenizedSet::open(&artifact_dir(&cache, &s, "tokenize", "pool")).unwrap();
     let bas = artifact_dir(&cache, &s, "base-train", "round 1").join("adapter.safetensors");
     let val = artifact_dir(&cache, &s, "valtune", "round 1").join("adapter.safetensors");
+    let ctl = artifact_dir(&cache, &s, "tov-control", "round 1").join("adapter.safetensors");
     let raw = dsel_model::load(&req.model, &Device::Cpu).unwrap();
     let mut model = Model::new(&raw).unwrap();
     // The shipped default precision (bf16 where the processor runs it
@@ -151,7 +164,7 @@ fn run_and_check(n_target: usize) {
     for &i in finite.iter().step_by(finite.len() / 4).take(4) {
         assert_eq!(pool.index[i].id, ids.value(i));
         let (tok, mask) = pool.example(i);
-        let want = direct_score(&mut model, &bas, &val, &req.values.lora, tok, mask);
+        let want = direct_score(&mut model, &bas, &val, &ctl, &req.values.lora, tok, mask);
         let got = scores.value(i);
         assert!(
             // f32 log-probs from a batched sweep vs a batch of one: a few ulps
@@ -160,6 +173,18 @@ fn run_and_check(n_target: usize) {
             "candidate {i}: stored {got} vs direct {want}"
         );
     }
+
+    // The selection is the `selected` highest stored scores (outside U).
+    let mut order = finite.clone();
+    order.sort_by(|&a, &b| scores.value(b).total_cmp(&scores.value(a)));
+    let mut want: Vec<String> = order[..s.selected]
+        .iter()
+        .map(|&i| ids.value(i).to_string())
+        .collect();
+    let mut got = dsel_testkit::selected_ids(&req.out_dir);
+    want.sort();
+    got.sort();
+    assert_eq!(got, want, "score-only over one bin takes the top scores");
 }
 
 #[test]
