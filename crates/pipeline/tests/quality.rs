@@ -137,6 +137,11 @@ fn quick_quality_run_counts_the_held_out_source_and_bm25_finds_it() {
         md.contains("| creak | bm25 |") && md.contains("gap to random"),
         "{md}"
     );
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(
+        html.contains("test loss − random") && html.contains("<td>tov+control</td>"),
+        "the report has the downstream chart and the cost table"
+    );
     // Cost: the warm part is what depends on the target. For ToV, recount it
     // from the run's stage records by name: the target's ingest and
     // tokenize, the validation fine-tune and the sweep with it.
