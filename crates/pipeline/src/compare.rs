@@ -176,22 +176,50 @@ pub struct CompareReport {
     pub rows: Vec<CompareRow>,
 }
 
-/// Sum of the recorded build wall and CPU seconds and bytes of the distinct
-/// artifacts behind `keys`.
-fn artifact_costs<'a>(p: &Pipeline, keys: impl IntoIterator<Item = &'a str>) -> (f64, f64, u64) {
-    let distinct: BTreeSet<&str> = keys.into_iter().collect();
-    let mut wall = 0.0;
-    let mut cpu = 0.0;
-    let mut bytes = 0;
-    for k in distinct {
-        if let Ok(a) = p.store.open_artifact(k) {
-            let m = a.manifest();
-            wall += m.build_seconds;
-            cpu += m.build_cpu_seconds;
-            bytes += m.total_bytes();
+/// What a selection's artifacts cost when they were built.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SelectionCost {
+    /// Recorded build wall seconds of every distinct artifact: the
+    /// selection's cost from a clean cache.
+    pub cold_seconds: f64,
+    /// The part of `cold_seconds` whose artifacts depend on the target: a
+    /// second target's cost when the rest is cached.
+    pub target_seconds: f64,
+    /// Recorded build CPU seconds (all threads) of every distinct artifact.
+    pub cpu_seconds: f64,
+    /// Bytes of every distinct artifact.
+    pub bytes: u64,
+}
+
+/// The recorded cost of the artifacts behind `stages`, each counted once.
+/// An artifact depends on the target when it is a target's ingest or one of
+/// its inputs does (stages are recorded after their inputs).
+pub fn selection_cost(p: &Pipeline, stages: &[dsel_select::StageRecord]) -> Result<SelectionCost> {
+    let mut seen = BTreeSet::new();
+    let mut target_dependent = BTreeSet::new();
+    let mut cost = SelectionCost::default();
+    for r in stages {
+        if !seen.insert(r.key.as_str()) {
+            continue;
         }
+        let a = p
+            .store
+            .open_artifact(&r.key)
+            .with_context(|| format!("opening the {} artifact {}", r.stage, r.key))?;
+        let m = a.manifest();
+        let depends = crate::is_target_ingest(m)
+            || m.inputs
+                .iter()
+                .any(|k| target_dependent.contains(k.as_str()));
+        if depends {
+            target_dependent.insert(r.key.as_str());
+            cost.target_seconds += m.build_seconds;
+        }
+        cost.cold_seconds += m.build_seconds;
+        cost.cpu_seconds += m.build_cpu_seconds;
+        cost.bytes += m.total_bytes();
     }
-    (wall, cpu, bytes)
+    Ok(cost)
 }
 
 /// The per-step losses a fine-tune artifact's `train.json` recorded.
@@ -252,15 +280,14 @@ fn static_row(
         req.out_dir = run_dir(out_dir, name, s, seed);
         p.records.clear();
         let outcome = methods::select_with_details(p, &req)?;
-        let (compute, cpu, bytes) =
-            artifact_costs(p, outcome.summary.stages.iter().map(|r| r.key.as_str()));
+        let cost = selection_cost(p, &outcome.summary.stages)?;
         let adapter =
             evaluate::train_on_selection(p, &req.out_dir.join("selection.jsonl"), train, seed)?;
         let train_seconds = adapter.manifest().build_seconds;
         let step_losses = step_losses_of(&adapter);
         let ev = evaluate::evaluate(p, &base.task, Some(&adapter), Some(&train.lora), eval)?;
         if s == 0 {
-            row.artifact_bytes = bytes;
+            row.artifact_bytes = cost.bytes;
             row.selected_by_source = outcome.summary.selected_by_source.clone();
             let mut selected: Vec<&dsel_select::ScoreRow> =
                 outcome.rows.iter().filter(|r| r.rank.is_some()).collect();
@@ -274,8 +301,8 @@ fn static_row(
         row.runs.push(SeedRun {
             seed,
             selection_seconds: outcome.summary.wall_seconds,
-            selection_compute_seconds: compute,
-            selection_cpu_seconds: cpu,
+            selection_compute_seconds: cost.cold_seconds,
+            selection_cpu_seconds: cost.cpu_seconds,
             train_seconds,
             eval: ev,
             step_losses,

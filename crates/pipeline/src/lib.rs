@@ -92,6 +92,15 @@ pub struct Pipeline {
     model: Option<LoadedModel>,
 }
 
+/// `kind` in the config of a target's ingest ([`Pipeline::ingest_target`]).
+const TARGET_INGEST_KIND: &str = "target-validation";
+
+/// Whether `m` is the manifest of a target's ingest: the artifact every
+/// target-dependent stage reaches through its inputs.
+pub(crate) fn is_target_ingest(m: &dsel_store::Manifest) -> bool {
+    m.stage == dsel_ingest::STAGE && m.config["kind"] == TARGET_INGEST_KIND
+}
+
 /// blake3 of a model file, or of every regular file in a model folder (sorted by name).
 pub fn model_fingerprint(path: &Path) -> Result<String> {
     let mut h = blake3::Hasher::new();
@@ -380,7 +389,7 @@ impl Pipeline {
         let spec = StageSpec::new(
             dsel_ingest::STAGE,
             dsel_ingest::STAGE_VERSION,
-            json!({"kind": "target-validation", "target": name, "fingerprint": fingerprint}),
+            json!({"kind": TARGET_INGEST_KIND, "target": name, "fingerprint": fingerprint}),
         );
         let root = self.data_root.clone();
         self.ingest(&spec, &format!("target {name}"), || {

@@ -33,7 +33,7 @@ use dsel_ingest::SubsetOptions;
 use dsel_select::ScoreRow;
 use serde::{Deserialize, Serialize};
 
-use crate::compare::mean_std;
+use crate::compare::{mean_std, selection_cost};
 use crate::evaluate::{self, TrainOnSelection};
 use crate::methods::{self, Method, SelectRequest};
 use crate::Pipeline;
@@ -474,50 +474,6 @@ pub fn run(
     Ok(runs)
 }
 
-/// What a selection's artifacts cost when they were built.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct SelectionCost {
-    /// Recorded build wall seconds of every distinct artifact.
-    pub cold_seconds: f64,
-    /// The part of `cold_seconds` whose artifacts depend on the target.
-    pub target_seconds: f64,
-    /// Recorded build CPU seconds of every distinct artifact.
-    pub cpu_seconds: f64,
-    /// Bytes of every distinct artifact.
-    pub bytes: u64,
-}
-
-/// The recorded cost of the artifacts behind `stages` (each counted once):
-/// an artifact depends on the target when it is the target's ingest or one
-/// of its inputs does (stages are recorded after their inputs).
-pub fn selection_cost(p: &Pipeline, stages: &[dsel_select::StageRecord]) -> Result<SelectionCost> {
-    let mut seen = std::collections::BTreeSet::new();
-    let mut target_dependent = std::collections::BTreeSet::new();
-    let mut cost = SelectionCost::default();
-    for r in stages {
-        if !seen.insert(r.key.as_str()) {
-            continue;
-        }
-        let a = p
-            .store
-            .open_artifact(&r.key)
-            .with_context(|| format!("opening the {} artifact {}", r.stage, r.key))?;
-        let m = a.manifest();
-        let depends = (r.stage == dsel_ingest::STAGE && r.label.starts_with("target"))
-            || m.inputs
-                .iter()
-                .any(|k| target_dependent.contains(k.as_str()));
-        if depends {
-            target_dependent.insert(r.key.as_str());
-            cost.target_seconds += m.build_seconds;
-        }
-        cost.cold_seconds += m.build_seconds;
-        cost.cpu_seconds += m.build_cpu_seconds;
-        cost.bytes += m.total_bytes();
-    }
-    Ok(cost)
-}
-
 /// ToV diagnosis from the stage outputs of a finished round-1 run: the mean
 /// percentile of `source`'s candidates (those with a finite score, i.e.
 /// outside U) under variants of the score, each a function of the per-token
@@ -719,7 +675,8 @@ pub struct QualityCell {
     /// Downstream test loss mean and std over seeds (None without it).
     pub loss: Option<(f64, f64)>,
     /// Test loss minus random's of the same task and seed, mean and std
-    /// over the pairs (None without downstream or without a random row).
+    /// over the pairs (None for random itself, without downstream or
+    /// without a random row).
     pub gap: Option<(f64, f64)>,
     /// Mean test loss without fine-tuning.
     pub no_finetune: Option<f64>,
@@ -788,7 +745,8 @@ pub fn aggregate(runs: &[QualityRun]) -> Vec<QualityCell> {
             percentile: (!pct.is_empty()).then(|| mean_std(&pct)),
             wall: mean(&|r| r.wall_seconds),
             loss: (!losses.is_empty()).then(|| mean_std(&losses)),
-            gap: (!gaps.is_empty()).then(|| mean_std(&gaps)),
+            // Random's gap to itself is 0 by construction: not shown.
+            gap: (method != "random" && !gaps.is_empty()).then(|| mean_std(&gaps)),
             no_finetune: (!no_ft.is_empty()).then(|| mean_std(&no_ft).0),
             cold: mean(&|r| r.cold_seconds),
             target: mean(&|r| r.target_seconds),
@@ -884,16 +842,8 @@ fn write_outputs(
                 c.method,
                 c.loss.map_or("—".into(), |l| pm(l, 4)),
                 c.no_finetune.map_or("—".into(), |l| format!("{l:.4}")),
-                if c.method == "random" {
-                    "—".into()
-                } else {
-                    c.gap.map_or("—".into(), |g| pm(g, 4))
-                },
-                if c.method == "random" {
-                    "—".into()
-                } else {
-                    c.gap_in_stds().map_or("—".into(), |z| format!("{z:+.2}"))
-                },
+                c.gap.map_or("—".into(), |g| pm(g, 4)),
+                c.gap_in_stds().map_or("—".into(), |z| format!("{z:+.2}")),
             );
         }
     }
@@ -916,11 +866,7 @@ fn write_outputs(
             c.peak_mib,
             c.bytes / 1e6,
             pm(c.lift, 2),
-            if c.method == "random" {
-                "—".into()
-            } else {
-                c.gap.map_or("—".into(), |g| pm(g, 4))
-            },
+            c.gap.map_or("—".into(), |g| pm(g, 4)),
         );
     }
     dsel_store::atomic_write(out.join("table.md"), md.into_bytes())?;
@@ -1074,7 +1020,6 @@ fn report_html(cells: &[QualityCell]) -> String {
                 .collect();
             let gap: Vec<Interval> = of_task
                 .iter()
-                .filter(|c| c.method != "random")
                 .filter_map(|c| {
                     c.gap.map(|g| Interval {
                         label: &c.method,
@@ -1103,7 +1048,7 @@ fn report_html(cells: &[QualityCell]) -> String {
                 peak => format!("{:.0}", c.peak_mib),
                 mb => format!("{:.1}", c.bytes / 1e6),
                 lift => pm(c.lift, 2),
-                gap => if c.method == "random" { "—".to_string() } else { c.gap.map_or("—".into(), |g| pm(g, 4)) },
+                gap => c.gap.map_or("—".into(), |g| pm(g, 4)),
             }
         })
         .collect();
